@@ -1,0 +1,106 @@
+"""Safe image decoding shared by training, evaluation, the indexer and query uploads.
+
+Only allowlisted formats are decoded, chosen from the content (Pillow's sniffing), not
+the file name. Decompression bombs are refused: Pillow's pixel limit stays on and its
+warning is raised as an error. EXIF orientation is applied, and CMYK, palette, 16-bit,
+grey and alpha images are converted to RGB deliberately (alpha composited on white).
+Animated images give their first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Formats we decode. HEIF/AVIF join when pillow-heif registers its opener.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+_HEIF_FORMATS: tuple[str, ...] = ("HEIF", "AVIF")
+MAX_PIXELS: int = 89_478_485  # Pillow's default limit, stated here on purpose
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not grey pixels
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an allowed, sound image; the message says why."""
+
+
+def _heif_formats() -> tuple[str, ...]:
+    try:
+        import pillow_heif  # type: ignore[import-not-found]
+
+        pillow_heif.register_heif_opener()
+        return _HEIF_FORMATS
+    except ImportError:
+        return ()
+
+
+def allowed_formats() -> tuple[str, ...]:
+    """The formats this installation decodes."""
+    return ALLOWED_FORMATS + _heif_formats()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: alpha composited on white, 16-bit scaled, CMYK converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16/32-bit grey or float: scale to 8 bits (Pillow's own convert clips at 255).
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open, verify and fully decode an image into an RGB PIL image.
+
+    ``source`` is a path or the file's bytes. Raises ImageDecodeError (bad data,
+    disallowed format, bomb) or OSError (the file cannot be read).
+    """
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    formats = allowed_formats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(fp, formats=list(formats)) as img:
+                if img.width * img.height > max_pixels:
+                    raise ImageDecodeError(
+                        f"image too large: {img.width}x{img.height} pixels exceeds the "
+                        f"{max_pixels:,}-pixel limit (decompression bomb guard)"
+                    )
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)  # animated: first frame only
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                return to_rgb(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageDecodeError(
+                f"not an image in an allowed format ({', '.join(formats)})"
+            ) from exc
+        except (SyntaxError, ValueError, EOFError, struct_error()) as exc:
+            if isinstance(exc, ImageDecodeError):
+                raise
+            raise ImageDecodeError(f"corrupt image data: {exc}") from exc
+        except OSError as exc:
+            if isinstance(source, bytes) or "truncated" in str(exc) or "image file" in str(exc):
+                raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+            raise
+
+
+def struct_error() -> type[Exception]:
+    """struct.error, raised by some Pillow plugins on malformed headers."""
+    import struct
+
+    return struct.error

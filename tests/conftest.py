@@ -1,0 +1,79 @@
+"""Shared fixtures: real open_clip models (a tiny config saved to local checkpoints, and
+the built-in default), a small demo corpus. Nothing here reaches a network."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports huggingface_hub or transformers: offline, with a private cache,
+# so a test can lay out a hub cache without touching the user's.
+_HF_HOME = tempfile.mkdtemp(prefix="xmodal-test-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from crossmodal.threads import configure_threads  # noqa: E402
+
+configure_threads(int(os.environ.get("XMODAL_THREADS", "0")) or None)
+
+TINY = "xmodal-tiny"
+
+
+@pytest.fixture(scope="session")
+def hf_hub_cache() -> Path:
+    """The private Hugging Face hub cache this test session uses."""
+    return Path(os.environ["HF_HUB_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random-but-seeded weights of the tiny config, saved as a plain checkpoint file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from crossmodal.registry import register_shipped
+
+    register_shipped(TINY)
+    torch.manual_seed(1234)
+    model = open_clip.create_model(TINY)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_local_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The same weights in open_clip's local-dir layout, as `xmodal train` writes it."""
+    from crossmodal.loading import load_model
+    from crossmodal.train import save_model
+
+    loaded = load_model(TINY, str(tiny_checkpoint))
+    folder = tmp_path_factory.mktemp("tiny-dir")
+    save_model(loaded.model, folder, TINY, loaded.model_cfg, {}, ())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_encoder():
+    """The built-in default model (committed under data/models/)."""
+    from crossmodal.encoder import Encoder
+
+    return Encoder.load()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo corpus: 96 train, 24 val, 24 test images."""
+    from crossmodal.corpus import CorpusSpec, write_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    write_corpus(out, CorpusSpec(seed=7, train_size=96, val_size=24, test_size=24), progress=False)
+    return out
