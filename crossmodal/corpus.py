@@ -270,7 +270,7 @@ class CorpusSpec:
     """What ``write_corpus`` generates."""
 
     seed: int = 0
-    train_size: int = 20_000
+    train_size: int = 30_000
     val_size: int = 1_000
     test_size: int = 1_000
     image_size: int = 128

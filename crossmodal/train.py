@@ -406,8 +406,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 [[caption_text[c] in image_texts[j] for j in idx] for c in cap], device=device
             )
             x = (images[idx].to(device).float().div_(255.0) - mean) / std
-            out = model.visual(x)
-            img_emb = F.normalize((out[0] if isinstance(out, tuple) else out), dim=-1)
+            v_out = model.visual(x)
+            img_emb = F.normalize((v_out[0] if isinstance(v_out, tuple) else v_out), dim=-1)
             t_out = text.embed(torch.as_tensor(cap))
             txt_emb = F.normalize((t_out[0] if isinstance(t_out, tuple) else t_out), dim=-1)
             loss = contrastive_loss(img_emb, txt_emb, positives, model.logit_scale.exp())

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from crossmodal.encoder import Encoder
+from crossmodal.errors import ModelError
 from crossmodal.images import ImageDecodeError, decode_image
 from crossmodal.metrics import retrieval_recall
 from crossmodal.pairs import PairSet, read_pairs
@@ -87,6 +88,47 @@ def evaluate_pairs(
     }
 
 
+def evaluate_reranked(
+    encoder: Encoder, pairs_path: str | Path, rerank_k: int = 32, seed: int = 0
+) -> dict[str, Any]:
+    """Recall after reranking the dual top-k (top level), dual-only recall ("dual"), and
+    compositional 2-way accuracy, as ``xmodal eval --rerank --json`` prints them."""
+    from crossmodal.metrics import retrieval_recall
+    from crossmodal.rerank_eval import compositional_accuracy, fusion_weight, reranked_recall
+    from crossmodal.rerank_train import compositional_set, features_for
+
+    from .rerank import load_scorer
+
+    scorer = load_scorer(encoder)
+    if scorer is None:
+        raise ModelError(f"model {encoder.identity.name} has no reranker to evaluate")
+    started = time.time()
+    pairs = read_pairs(pairs_path)
+    n_images = len(pairs.images)
+    feats, caps_of, pairs = features_for(encoder, pairs, None, None, seed)
+    w = fusion_weight(scorer)
+    reranked = reranked_recall(scorer, feats, rerank_k, [w])[w]
+    rows, pos, neg = compositional_set(encoder, pairs, caps_of, seed)
+    comp = (
+        compositional_accuracy(scorer, feats.image_emb[rows], feats.image_tokens[rows], pos, neg)
+        if len(rows)
+        else {"pairs": 0, "dual": None, "reranked": None}
+    )
+    return {
+        "model": encoder.identity.name,
+        "pretrained": encoder.identity.pretrained,
+        "pairs": str(pairs_path),
+        "images": len(pairs.images),
+        "captions": len(pairs.captions),
+        "failed_images": n_images - len(pairs.images),
+        **reranked,
+        "dual": retrieval_recall(feats.image_emb, feats.text_emb, feats.caption_image),
+        "compositional": comp,
+        "rerank": {"k": rerank_k, "fusion_weight": w, "scorer": type(scorer).__name__},
+        "seconds": round(time.time() - started, 2),
+    }
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable table ``xmodal eval`` prints."""
     lines = [
@@ -96,9 +138,25 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"{'direction':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}",
     ]
-    for key, label in (("text_to_image", "text -> image"), ("image_to_text", "image -> text")):
-        r = result[key]
-        lines.append(f"{label:<16}{r['R@1']:>8.3f}{r['R@5']:>8.3f}{r['R@10']:>8.3f}")
+    rows = [("text_to_image", "text -> image"), ("image_to_text", "image -> text")]
+    if "dual" in result:
+        rows = [
+            (("dual", "text_to_image"), "text -> image (dual)"),
+            (("dual", "image_to_text"), "image -> text (dual)"),
+            ("text_to_image", f"text -> image (reranked top {result['rerank']['k']})"),
+            ("image_to_text", f"image -> text (reranked top {result['rerank']['k']})"),
+        ]
+    width = max(len(label) for _, label in rows) + 2
+    lines[-1] = f"{'direction':<{width}}{'R@1':>8}{'R@5':>8}{'R@10':>8}"
+    for key, label in rows:
+        r = result[key[0]][key[1]] if isinstance(key, tuple) else result[key]
+        lines.append(f"{label:<{width}}{r['R@1']:>8.3f}{r['R@5']:>8.3f}{r['R@10']:>8.3f}")
+    comp = result.get("compositional")
+    if comp and comp.get("pairs"):
+        lines.append(
+            f"compositional 2-way accuracy ({comp['pairs']} images, true caption vs swapped): "
+            f"dual {comp['dual']:.3f}, reranked {comp['reranked']:.3f}"
+        )
     for failure in result.get("failures", []):
         lines.append(f"failed: {failure}")
     return "\n".join(lines)

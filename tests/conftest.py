@@ -77,3 +77,25 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     write_corpus(out, CorpusSpec(seed=7, train_size=96, val_size=24, test_size=24), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory, default_encoder):
+    """The default model over a 60-image demo test split with its captions."""
+    from crossmodal.corpus import CorpusSpec, write_corpus
+    from indexer.pipeline import IndexOptions, run_index
+
+    root = tmp_path_factory.mktemp("demo")
+    write_corpus(root, CorpusSpec(seed=11, train_size=1, val_size=1, test_size=60), progress=False)
+    bundle = root / "bundle"
+    run_index(
+        default_encoder,
+        IndexOptions(
+            bundle=bundle,
+            roots=[root / "images" / "test"],
+            captions=[root / "test.jsonl"],
+            workers=0,
+            progress=False,
+        ),
+    )
+    return root, bundle
