@@ -1,0 +1,729 @@
+"""`xmodal index`: the orchestrator from folders and caption files to a consistent bundle.
+
+1. Open (or create) the bundle and its catalog; refuse a bundle of another model.
+2. Walk each root; compare every file with the catalog: unchanged files (same size and
+   mtime) cost nothing; changed ones are hashed first when the content may be known
+   (a touch, a rename or move, a copy), whose vectors are then reused; the rest are
+   decoded in worker processes and encoded in batches.
+3. Commit every batch to the catalog (rows with their vectors) as it completes, so a
+   killed run loses at most one batch and the next run resumes from there.
+4. Read caption files, collapse duplicates, encode new captions, link them to images.
+5. Sync the FAISS indexes with the catalog and write a new generation (index files
+   first, then the manifest that names them).
+
+Every file seen ends indexed, unchanged, failed (with its reason) or excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+from tqdm import tqdm
+
+from crossmodal.encoder import Encoder
+
+from . import ann
+from .bundle import (
+    IndexInfo,
+    Manifest,
+    catalog_url,
+    index_file_name,
+    read_index,
+    read_manifest,
+    remove_stale_index_files,
+    write_index,
+    write_manifest,
+)
+from .captions import CaptionRecord, read_caption_file
+from .catalog import (
+    EXCLUDED,
+    FAILED,
+    INDEXED,
+    REMOVED,
+    CaptionLink,
+    CaptionRow,
+    CaptionTokens,
+    ImageRow,
+    ImageTokens,
+    Root,
+    RunRow,
+    migrate,
+    open_engine,
+    public_url,
+    utcnow,
+)
+from .decode import Decoded, DecodePool, Job
+from .sources import CANDIDATE, Entry, walk
+
+
+class IndexRunError(RuntimeError):
+    """The run itself cannot proceed (bad root, wrong model, unreachable catalog)."""
+
+
+@dataclass
+class IndexOptions:
+    """What `xmodal index` was asked to do."""
+
+    bundle: Path
+    roots: list[Path] = field(default_factory=list)
+    captions: list[Path] = field(default_factory=list)
+    db_url: str | None = None
+    batch_size: int = 64
+    workers: int = 2
+    timeout_s: float = 30.0
+    index_factory: str | None = None  # None: chosen by collection size
+    allow_empty_roots: bool = False
+    progress: bool = True
+    cache_tokens: bool = False  # keep token features for the cross-attention reranker
+    token_cache_mb: int = 4096  # bound on the token caches; beyond it tokens are recomputed
+
+
+@dataclass
+class RunReport:
+    """What a run did; seen = indexed + unchanged + failed + excluded."""
+
+    run_id: int = 0
+    counts: Counter = field(default_factory=Counter)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    problems: list[str] = field(default_factory=list)  # caption rows, folders
+    seconds: float = 0.0
+    generation: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored with the run)."""
+        return {
+            "counts": dict(self.counts),
+            "failures": [{"path": p, "reason": r} for p, r in self.failures],
+            "problems": self.problems,
+            "seconds": round(self.seconds, 2),
+            "generation": self.generation,
+        }
+
+
+def _token_fields(tokens: np.ndarray) -> dict[str, Any]:
+    t = np.ascontiguousarray(tokens, dtype=np.float16)
+    return {"length": int(t.shape[0]), "width": int(t.shape[1]), "data": t.tobytes()}
+
+
+def _tokens_of(row: Any) -> np.ndarray:
+    return np.frombuffer(row.data, np.float16).reshape(row.length, row.width)
+
+
+def _vector_bytes(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype=np.float32).tobytes()
+
+
+class Indexer:
+    """One indexing run over a bundle."""
+
+    def __init__(self, encoder: Encoder, opts: IndexOptions) -> None:
+        self.encoder = encoder
+        self.opts = opts
+        self.bundle = Path(opts.bundle)
+        self.report = RunReport()
+        self.manifest: Manifest | None = None
+        self._renamed_from: set[bytes] = set()  # old paths whose rows a rename reused
+        self._token_bytes = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def _open(self) -> None:
+        self.bundle.mkdir(parents=True, exist_ok=True)
+        if (self.bundle / "manifest.json").exists():
+            self.manifest = read_manifest(self.bundle)
+            built = self.manifest.identity
+            if not built.matches(self.encoder.identity):
+                raise IndexRunError(
+                    f"bundle {self.bundle} was built with {built.name} "
+                    f"({built.pretrained}, sha256 {str(built.sha256)[:12]}); the loaded "
+                    f"model is {self.encoder.identity.name} "
+                    f"(sha256 {str(self.encoder.identity.sha256)[:12]}). "
+                    "Index into a new bundle, or load the bundle's model."
+                )
+            if self.opts.db_url and self.manifest.catalog_url not in (
+                None,
+                public_url(self.opts.db_url),
+            ):
+                raise IndexRunError(
+                    f"bundle {self.bundle} keeps its catalog at {self.manifest.catalog_url}, "
+                    f"not {public_url(self.opts.db_url)}"
+                )
+        url = catalog_url(
+            self.bundle, self.manifest.catalog_url if self.manifest else None, self.opts.db_url
+        )
+        self.engine = open_engine(url)
+        migrate(self.engine)
+        with Session(self.engine) as s:
+            self._token_bytes = sum(
+                s.execute(select(func.coalesce(func.sum(func.length(t.data)), 0))).scalar() or 0
+                for t in (ImageTokens, CaptionTokens)
+            )
+        if self.manifest is None:
+            # A new bundle is valid (empty) from its first instant: a run killed before
+            # its first publication leaves a bundle that verifies and resumes.
+            self.manifest = Manifest(
+                model=self.encoder.identity.to_dict(),
+                catalog_url=public_url(self.opts.db_url) if self.opts.db_url else None,
+            )
+            write_manifest(self.bundle, self.manifest)
+
+    def _start_run(self) -> None:
+        with Session(self.engine) as s, s.begin():
+            # A previous run killed mid-way stays 'running' forever otherwise.
+            s.execute(
+                update(RunRow)
+                .where(RunRow.status == "running")
+                .values(status="interrupted", finished_at=utcnow())
+            )
+            run = RunRow(status="running")
+            s.add(run)
+            s.flush()
+            self.report.run_id = run.id
+
+    def _finish_run(self, status: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(
+                update(RunRow)
+                .where(RunRow.id == self.report.run_id)
+                .values(
+                    status=status, finished_at=utcnow(), report=json.dumps(self.report.to_dict())
+                )
+            )
+
+    # ------------------------------------------------------------------ images
+
+    def _root_rows(self, s: Session, root: bytes) -> Root:
+        row = s.execute(select(Root).where(Root.path == root)).scalar()
+        if row is None:
+            row = Root(path=root)
+            s.add(row)
+            s.flush()
+        return row
+
+    def _check_root(self, root: Path) -> bytes:
+        if not root.exists():
+            raise IndexRunError(f"folder not found: {root} (is the drive mounted?)")
+        if not root.is_dir():
+            raise IndexRunError(f"not a folder: {root}")
+        return os.fsencode(root.resolve())
+
+    def index_images(self) -> None:
+        """Walk every root and bring the catalog up to date with it."""
+        roots = [self._check_root(Path(r)) for r in self.opts.roots]
+        skip = [os.fsencode(self.bundle.resolve())]
+        with Session(self.engine) as s, s.begin():
+            root_ids = {r: self._root_rows(s, r).id for r in roots}
+        for root in roots:
+            self._index_root(root, root_ids[root], roots, skip)
+
+    def _index_root(self, root: bytes, root_id: int, roots: list[bytes], skip: list[bytes]):
+        counts = self.report.counts
+        with Session(self.engine) as s:
+            # Light rows (no vector blobs): a 100k-file root would otherwise load 100 MB.
+            known = {
+                r.relpath: r
+                for r in s.execute(
+                    select(
+                        ImageRow.id,
+                        ImageRow.relpath,
+                        ImageRow.size,
+                        ImageRow.mtime_ns,
+                        ImageRow.status,
+                        ImageRow.reason,
+                        ImageRow.content_hash,
+                        ImageRow.vector.is_not(None).label("has_vector"),
+                    ).where(ImageRow.root_id == root_id)
+                ).all()
+            }
+        indexed_as_is = {
+            r.relpath: (r.size, r.mtime_ns) for r in known.values() if r.status == INDEXED
+        }
+        entries = list(
+            walk(root, roots, skip, lambda rel, size, mt: indexed_as_is.get(rel) == (size, mt))
+        )
+        present = {e.relpath for e in entries}
+        if not entries and known and not self.opts.allow_empty_roots:
+            raise IndexRunError(
+                f"{root.decode(errors='replace')} is empty but the catalog holds {len(known)} "
+                "files from it; if it is unmounted, mount it. To really drop them, "
+                "re-run with --allow-empty."
+            )
+        vanished = {rel: row for rel, row in known.items() if rel not in present}
+        # Vectors of vanished files, by content: a rename or move reuses them.
+        vanished_by_hash = {
+            r.content_hash: r for r in vanished.values() if r.status == INDEXED and r.content_hash
+        }
+        vanished_sizes = {r.size for r in vanished.values()}
+        full_jobs: list[Job] = []
+        hash_jobs: list[Job] = []
+        by_key: dict[bytes, Entry] = {}
+        with Session(self.engine) as s, s.begin():
+            for e in entries:
+                counts["seen"] += 1
+                row = known.get(e.relpath)
+                if e.kind != CANDIDATE:
+                    status = EXCLUDED if e.kind == "excluded" else FAILED
+                    counts[status] += 1
+                    if status == FAILED:
+                        self.report.failures.append((e.path.decode(errors="replace"), e.reason))
+                    same = row is not None and (row.status, row.reason, row.size, row.mtime_ns) == (
+                        status,
+                        e.reason,
+                        e.size,
+                        e.mtime_ns,
+                    )
+                    if not same:
+                        self._upsert(s, root_id, e, row, status=status, reason=e.reason)
+                    continue
+                if row is not None and (row.size, row.mtime_ns) == (e.size, e.mtime_ns):
+                    status = row.status
+                    if status == REMOVED:  # back after an interrupted run marked it gone
+                        status = INDEXED if row.has_vector else FAILED
+                        s.execute(
+                            update(ImageRow).where(ImageRow.id == row.id).values(status=status)
+                        )
+                    if status == FAILED:
+                        counts[FAILED] += 1
+                        self.report.failures.append((e.path.decode(errors="replace"), row.reason))
+                    else:
+                        counts["unchanged"] += 1
+                    continue
+                by_key[e.relpath] = e
+                may_be_known = (row is not None and row.size == e.size) or e.size in vanished_sizes
+                job = Job(e.relpath, e.path, hash_only=may_be_known)
+                (hash_jobs if may_be_known else full_jobs).append(job)
+        self._process(root_id, known, vanished_by_hash, by_key, hash_jobs, full_jobs)
+        # What is still vanished (not reused by a rename) is marked removed: its id leaves
+        # the FAISS index at publication, then the row is purged.
+        gone = [r.id for rel, r in vanished.items() if rel not in self._renamed_from]
+        with Session(self.engine) as s, s.begin():
+            for i in range(0, len(gone), 500):
+                s.execute(
+                    update(ImageRow)
+                    .where(ImageRow.id.in_(gone[i : i + 500]))
+                    .values(status=REMOVED, run_id=self.report.run_id)
+                )
+        counts["removed"] += len(gone)
+
+    def _upsert(
+        self,
+        s: Session,
+        root_id: int,
+        e: Entry,
+        row: Any,
+        status: str,
+        reason: str | None = None,
+        decoded: Decoded | None = None,
+        vector: bytes | None = None,
+        tokens: np.ndarray | None = None,
+    ) -> int:
+        values: dict[str, Any] = {
+            "size": e.size,
+            "mtime_ns": e.mtime_ns,
+            "status": status,
+            "reason": reason,
+            "run_id": self.report.run_id,
+            "display": e.display,
+            "vector": vector,
+            "format": (decoded.format if decoded else None) or e.format,
+        }
+        if decoded is not None:
+            values.update(
+                content_hash=decoded.content_hash, width=decoded.width, height=decoded.height
+            )
+        if row is None:
+            new = ImageRow(root_id=root_id, relpath=e.relpath, **values)
+            s.add(new)
+            s.flush()
+            image_id = new.id
+        else:
+            image_id = row.id
+            s.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values))
+            # Old tokens describe the old content.
+            s.execute(delete(ImageTokens).where(ImageTokens.image_id == image_id))
+        if tokens is not None and self._token_room(tokens):
+            s.add(ImageTokens(image_id=image_id, **_token_fields(tokens)))
+        return image_id
+
+    def _token_room(self, tokens: np.ndarray) -> bool:
+        """Whether the token caches may grow by these tokens (else they are recomputed)."""
+        size = tokens.size * 2
+        if self._token_bytes + size > self.opts.token_cache_mb * 2**20:
+            self.report.counts["tokens_not_cached"] += 1
+            return False
+        self._token_bytes += size
+        return True
+
+    def _process(
+        self,
+        root_id: int,
+        known: dict[bytes, Any],
+        vanished_by_hash: dict[str, Any],
+        by_key: dict[bytes, Entry],
+        hash_jobs: list[Job],
+        full_jobs: list[Job],
+    ) -> None:
+        counts = self.report.counts
+        self._renamed_from = set()
+        total = len(hash_jobs) + len(full_jobs)
+        if total == 0:
+            return
+        # Stored vectors by content hash: any indexed row with the same bytes.
+        with Session(self.engine) as s:
+            hashes = {
+                h
+                for (h,) in s.execute(
+                    select(ImageRow.content_hash).where(ImageRow.status == INDEXED)
+                ).all()
+            }
+        h, w = self.encoder.image_size
+        pool = DecodePool(
+            self.opts.workers,
+            self.encoder.preprocess,  # only the transform travels to the workers
+            draft=(w, h),
+            timeout_s=self.opts.timeout_s,
+        )
+        bar = tqdm(
+            total=total, desc="images", unit="img", disable=not self.opts.progress, smoothing=0.1
+        )
+        pending: list[tuple[Entry, Decoded]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            pixels = torch.from_numpy(np.stack([d.pixels for _, d in pending]))
+            tokens: list[np.ndarray | None] = [None] * len(pending)
+            if self.opts.cache_tokens:
+                vectors, toks = self.encoder.image_tokens(pixels)
+                tokens = list(toks.half().numpy())
+            else:
+                vectors = self.encoder.encode_image_tensors(pixels)
+            with Session(self.engine) as s, s.begin():
+                for (e, d), v, t in zip(pending, vectors, tokens, strict=True):
+                    self._upsert(
+                        s,
+                        root_id,
+                        e,
+                        known.get(e.relpath),
+                        INDEXED,
+                        decoded=d,
+                        vector=_vector_bytes(v),
+                        tokens=t,
+                    )
+            counts[INDEXED] += len(pending)
+            pending.clear()
+
+        def handle(d: Decoded, retry: list[Job]) -> None:
+            e = by_key[d.key]
+            row = known.get(e.relpath)
+            if d.error:
+                with Session(self.engine) as s, s.begin():
+                    self._upsert(s, root_id, e, row, FAILED, reason=d.error, decoded=d)
+                counts[FAILED] += 1
+                self.report.failures.append((e.path.decode(errors="replace"), d.error))
+                bar.update()
+                return
+            if row is not None and row.status == INDEXED and row.content_hash == d.content_hash:
+                with Session(self.engine) as s, s.begin():  # touched: same bytes
+                    s.execute(
+                        update(ImageRow)
+                        .where(ImageRow.id == row.id)
+                        .values(mtime_ns=e.mtime_ns, run_id=self.report.run_id)
+                    )
+                counts["unchanged"] += 1
+                bar.update()
+                return
+            moved = vanished_by_hash.pop(d.content_hash, None) if row is None else None
+            if moved is not None:
+                # A rename or move: keep the row (its id is the FAISS id), new path.
+                with Session(self.engine) as s, s.begin():
+                    s.execute(
+                        update(ImageRow)
+                        .where(ImageRow.id == moved.id)
+                        .values(
+                            relpath=e.relpath,
+                            display=e.display,
+                            mtime_ns=e.mtime_ns,
+                            run_id=self.report.run_id,
+                        )
+                    )
+                self._renamed_from.add(moved.relpath)
+                counts["unchanged"] += 1
+                counts["renamed"] += 1
+                bar.update()
+                return
+            if d.content_hash in hashes and self._reuse_copy(root_id, e, row, d):
+                counts[INDEXED] += 1
+                counts["reused"] += 1
+                bar.update()
+                return
+            if d.pixels is None:  # hashed only, and new content after all: decode it
+                retry.append(Job(d.key, e.path))
+                return
+            pending.append((e, d))
+            bar.update()
+            if len(pending) >= self.opts.batch_size:
+                flush()
+
+        with pool:
+            retry: list[Job] = []
+            for d in pool.run(hash_jobs):
+                handle(d, retry)
+            for d in pool.run(full_jobs + retry):
+                handle(d, [])
+            flush()
+        bar.close()
+        if pool.killed:
+            counts["workers_replaced"] += pool.killed
+
+    # ------------------------------------------------------------------ captions
+
+    def _reuse_copy(self, root_id: int, e: Entry, row: Any, d: Decoded) -> bool:
+        """Index a copy of already indexed bytes with the stored vector (no encoding)."""
+        with Session(self.engine) as s, s.begin():
+            src = s.execute(
+                select(ImageRow)
+                .where(ImageRow.content_hash == d.content_hash, ImageRow.status == INDEXED)
+                .limit(1)
+            ).scalar()
+            if src is None:
+                return False
+            copy = Decoded(d.key, d.content_hash, None, src.width, src.height, src.format)
+            cached = s.get(ImageTokens, src.id)
+            tokens = _tokens_of(cached) if cached is not None else None
+            self._upsert(
+                s, root_id, e, row, INDEXED, decoded=copy, vector=src.vector, tokens=tokens
+            )
+        return True
+
+    def index_captions(self) -> None:
+        """Read caption files; add new captions with vectors and image links."""
+        counts = self.report.counts
+        records: dict[str, CaptionRecord] = {}
+        links: list[tuple[str, Path, str]] = []  # (text hash, caption file, image ref)
+        for path in self.opts.captions:
+            try:
+                parsed = read_caption_file(path)
+            except ValueError as exc:
+                raise IndexRunError(str(exc)) from exc
+            self.report.problems.extend(parsed.problems)
+            counts["caption_rows_skipped"] += len(parsed.problems)
+            for rec in parsed.records:
+                counts["caption_rows"] += 1
+                key = rec.text_hash
+                if key in records:
+                    counts["caption_duplicates"] += 1
+                else:
+                    records[key] = rec
+                if rec.image:
+                    links.append((key, Path(path).resolve().parent, rec.image))
+        if not records:
+            return
+        with Session(self.engine) as s:
+            existing = (
+                dict(
+                    s.execute(
+                        select(CaptionRow.text_hash, CaptionRow.id).where(
+                            CaptionRow.text_hash.in_(list(records))
+                        )
+                    ).all()
+                )
+                if len(records) < 30000
+                else dict(s.execute(select(CaptionRow.text_hash, CaptionRow.id)).all())
+            )
+        # Similar lengths together: less padding per batch.
+        new = sorted((k for k in records if k not in existing), key=lambda k: len(records[k].text))
+        counts["captions_unchanged"] += len(records) - len(new)
+        bar = tqdm(total=len(new), desc="captions", unit="cap", disable=not self.opts.progress)
+        step = 512
+        for i in range(0, len(new), step):
+            keys = new[i : i + step]
+            texts = [records[k].text for k in keys]
+            tokens: list[np.ndarray | None] = [None] * len(keys)
+            if self.opts.cache_tokens:
+                vectors, toks, mask = self.encoder.text_tokens(texts)
+                tokens = [t[m].half().numpy() for t, m in zip(toks, mask, strict=True)]
+            else:
+                vectors = self.encoder.encode_texts(texts)
+            with Session(self.engine) as s, s.begin():
+                for k, v, t in zip(keys, vectors, tokens, strict=True):
+                    rec = records[k]
+                    row = CaptionRow(
+                        text_hash=k,
+                        text=rec.text,
+                        source=rec.source,
+                        vector=_vector_bytes(v),
+                        run_id=self.report.run_id,
+                    )
+                    s.add(row)
+                    s.flush()
+                    existing[k] = row.id
+                    if t is not None and self._token_room(t):
+                        s.add(CaptionTokens(caption_id=row.id, **_token_fields(t)))
+            counts["captions_indexed"] += len(keys)
+            bar.update(len(keys))
+        bar.close()
+        self._link_captions(links, existing)
+
+    def _link_captions(self, links: list[tuple[str, Path, str]], caption_ids: dict[str, int]):
+        if not links:
+            return
+        counts = self.report.counts
+        with Session(self.engine) as s, s.begin():
+            roots = {r.path: r.id for r in s.execute(select(Root)).scalars()}
+            wanted: set[tuple[int, int]] = set()
+            lookup: dict[bytes, int | None] = {}
+            for key, base, ref in links:
+                target = os.fsencode(os.path.normpath(os.path.join(base, ref)))
+                if target not in lookup:
+                    lookup[target] = self._image_id(s, roots, target)
+                image_id = lookup[target]
+                if image_id is None:
+                    counts["caption_links_unresolved"] += 1
+                    continue
+                wanted.add((caption_ids[key], image_id))
+            have = set(
+                s.execute(
+                    select(CaptionLink.caption_id, CaptionLink.image_id).where(
+                        CaptionLink.caption_id.in_({c for c, _ in wanted} or {-1})
+                    )
+                ).all()
+            )
+            for cid, iid in wanted - have:
+                s.add(CaptionLink(caption_id=cid, image_id=iid))
+            counts["caption_links"] += len(wanted)
+
+    @staticmethod
+    def _image_id(s: Session, roots: dict[bytes, int], target: bytes) -> int | None:
+        for root, root_id in roots.items():
+            prefix = root.rstrip(b"/") + b"/"
+            if target.startswith(prefix):
+                rel = target[len(prefix) :]
+                hit = s.execute(
+                    select(ImageRow.id).where(
+                        ImageRow.root_id == root_id,
+                        ImageRow.relpath == rel,
+                        ImageRow.status == INDEXED,
+                    )
+                ).scalar()
+                if hit is not None:
+                    return hit
+        return None
+
+    # ------------------------------------------------------------------ FAISS
+
+    def sync_indexes(self) -> None:
+        """Bring each FAISS index in line with the catalog, write a new generation."""
+        assert self.manifest is not None
+        manifest = self.manifest
+        generation = manifest.generation + 1
+        dim = self.encoder.dim
+        for kind, model in (("images", ImageRow), ("captions", CaptionRow)):
+            info = manifest.indexes.get(kind, IndexInfo())
+            with Session(self.engine) as s:
+                q = select(model.id).where(model.vector.is_not(None))
+                if model is ImageRow:
+                    q = q.where(ImageRow.status == INDEXED)
+                want = np.array(sorted(i for (i,) in s.execute(q).all()), dtype=np.int64)
+            # Keep the index while its type still fits; otherwise build anew (e.g. the
+            # collection outgrew exact search, or an IVF's nlist no longer fits its size).
+            factory = self.opts.index_factory or ann.choose_factory(len(want))
+            if info.file and info.factory == factory:
+                index = read_index(self.bundle / info.file)
+            else:
+                train = self._vectors(model, want[:100_000]) if len(want) else None
+                try:
+                    index = ann.build(factory, dim, train)
+                except (ValueError, RuntimeError) as exc:
+                    raise IndexRunError(f"cannot build a {factory!r} index: {exc}") from exc
+            have = ann.index_ids(index)
+            extra = np.setdiff1d(have, want)
+            missing = np.setdiff1d(want, have)
+            ann.remove(index, extra)
+            for i in range(0, len(missing), 20_000):
+                ids = missing[i : i + 20_000]
+                ann.add(index, ids, self._vectors(model, ids))
+            params: dict[str, Any] = {}
+            if index.ntotal and factory.startswith("IVF"):
+                sample = want[np.random.default_rng(0).permutation(len(want))[:20_000]]
+                params["nprobe"] = ann.tune_nprobe(index, self._vectors(model, sample), sample)
+            name = index_file_name(kind, generation)
+            write_index(index, self.bundle / name)
+            manifest.indexes[kind] = IndexInfo(
+                file=name, factory=factory, count=int(index.ntotal), params=params
+            )
+        with Session(self.engine) as s:
+            status_counts = dict(
+                s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all()
+            )
+            manifest.counts = {
+                "images_indexed": status_counts.get(INDEXED, 0),
+                "images_failed": status_counts.get(FAILED, 0),
+                "images_excluded": status_counts.get(EXCLUDED, 0),
+                "captions": s.execute(select(func.count()).select_from(CaptionRow)).scalar() or 0,
+                "caption_links": s.execute(select(func.count()).select_from(CaptionLink)).scalar()
+                or 0,
+            }
+            manifest.roots = [
+                p.decode("utf-8", "replace") for (p,) in s.execute(select(Root.path)).all()
+            ]
+        manifest.generation = generation
+        manifest.published_run = self.report.run_id
+        write_manifest(self.bundle, manifest)
+        remove_stale_index_files(self.bundle, manifest)
+        with Session(self.engine) as s, s.begin():  # no published index holds them now
+            s.execute(delete(ImageRow).where(ImageRow.status == REMOVED))
+        self.report.generation = generation
+
+    def _vectors(self, model: type, ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(ids), self.encoder.dim), np.float32)
+        if len(ids) == 0:
+            return out
+        pos = {int(i): n for n, i in enumerate(ids)}
+        with Session(self.engine) as s:
+            for start in range(0, len(ids), 5000):
+                chunk = [int(i) for i in ids[start : start + 5000]]
+                for id_, blob in s.execute(
+                    select(model.id, model.vector).where(model.id.in_(chunk))
+                ).all():
+                    out[pos[id_]] = np.frombuffer(blob, np.float32)
+        return out
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> RunReport:
+        """Do the whole run; the report is also stored with the run in the catalog."""
+        started = time.time()
+        self._open()
+        self._start_run()
+        try:
+            if self.opts.roots:
+                self.index_images()
+            if self.opts.captions:
+                self.index_captions()
+            self.sync_indexes()
+        except BaseException:
+            self.report.seconds = time.time() - started
+            self._finish_run("failed")
+            raise
+        self.report.seconds = time.time() - started
+        self._finish_run("completed")
+        return self.report
+
+
+def run_index(encoder: Encoder, opts: IndexOptions) -> RunReport:
+    """Index roots and caption files into a bundle (see module docstring)."""
+    return Indexer(encoder, opts).run()
+
+
+__all__ = ["IndexOptions", "IndexRunError", "RunReport", "run_index"]

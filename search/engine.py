@@ -1,0 +1,236 @@
+"""Search over a bundle: text -> images, image -> images, image -> captions.
+
+The engine opens a bundle (manifest, FAISS indexes, catalog), loads the model that
+built it (or checks that the one given is that model), encodes the query and asks
+FAISS. Results carry catalog facts; ids FAISS pads with (-1) and ids whose catalog row
+is gone or no longer indexed (stale) never reach the caller. Safe to call from
+several threads at once: FAISS CPU searches and torch inference share no mutable
+state, and the catalog is read through a connection pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from crossmodal.encoder import Encoder
+from crossmodal.errors import ModelError
+from crossmodal.loading import default_model_dir, load_model
+from crossmodal.registry import sha256_file
+from indexer.bundle import Bundle, BundleError, ImageHit
+
+__all__ = ["ImageHit", "ModelMismatchError", "QueryError", "Result", "SearchEngine"]
+
+MAX_K = 1000
+MAX_RERANK_K = 200
+DEFAULT_RERANK_K = 32
+MAX_QUERY_CHARS = 1000
+
+
+class QueryError(ValueError):
+    """A query parameter is out of range or malformed."""
+
+
+class ModelMismatchError(BundleError):
+    """The loaded model is not the one that built the bundle."""
+
+
+@dataclass
+class Result:
+    """One search hit."""
+
+    id: int
+    score: float
+    path: str | None = None  # images
+    caption: str | None = None  # captions
+    width: int | None = None
+    height: int | None = None
+    cosine: float | None = None  # dual-encoder score, when reranked
+    match: float | None = None  # cross-attention match score, when reranked
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, without empty fields."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def encoder_for_bundle(bundle: Bundle) -> Encoder:
+    """Load the model a bundle records: the built-in default when its weights match."""
+    identity = bundle.identity
+    default_weights = default_model_dir() / "open_clip_model.safetensors"
+    if default_weights.is_file() and identity.sha256 == sha256_file(default_weights):
+        return Encoder(load_model())
+    pretrained = identity.pretrained
+    name = identity.name
+    if pretrained and pretrained.startswith("local-dir:"):
+        return Encoder(load_model(pretrained))
+    if pretrained is None:
+        raise ModelError(
+            f"bundle {bundle.path} was built with random weights of {name}; nothing to load"
+        )
+    return Encoder(load_model(name, pretrained))
+
+
+def check_k(k: int) -> int:
+    """k must be 1..MAX_K."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+    return k
+
+
+def check_text(q: str) -> str:
+    """A non-empty query of at most MAX_QUERY_CHARS characters."""
+    if not isinstance(q, str) or not q.strip():
+        raise QueryError("the query text is empty")
+    if len(q) > MAX_QUERY_CHARS:
+        raise QueryError(f"the query text is longer than {MAX_QUERY_CHARS} characters")
+    return " ".join(q.split())
+
+
+class SearchEngine:
+    """Searches one bundle with the model that built it."""
+
+    def __init__(
+        self,
+        bundle_path: str | Path,
+        encoder: Encoder | None = None,
+        db_url: str | None = None,
+        rerank: bool | None = None,
+    ) -> None:
+        """Open a bundle; ``rerank`` False skips loading the model's reranker."""
+        from .rerank import Reranker, load_scorer
+
+        self.bundle = Bundle(Path(bundle_path), db_url)
+        self.encoder = encoder or encoder_for_bundle(self.bundle)
+        built, loaded = self.bundle.identity, self.encoder.identity
+        if not built.matches(loaded):
+            raise ModelMismatchError(
+                f"bundle {self.bundle.path} was built with {built.name} "
+                f"(weights sha256 {str(built.sha256)[:12]}, dim {built.embed_dim}), but the "
+                f"loaded model is {loaded.name} (sha256 {str(loaded.sha256)[:12]}, dim "
+                f"{loaded.embed_dim}); their embeddings are not comparable"
+            )
+        scorer = load_scorer(self.encoder) if rerank is not False else None
+        self.reranker = Reranker(self.bundle, self.encoder, scorer) if scorer else None
+
+    # ------------------------------------------------------------------ queries
+
+    def embed_text(self, q: str) -> np.ndarray:
+        """[D] query embedding (override point for caching)."""
+        return self.encoder.encode_texts([check_text(q)])[0]
+
+    def embed_image(self, image: Image.Image) -> np.ndarray:
+        """[D] embedding of a decoded image."""
+        return self.encoder.encode_images([image])[0]
+
+    def search_vector(
+        self,
+        kind: str,
+        vector: np.ndarray,
+        k: int = 10,
+        min_score: float | None = None,
+        exclude: Sequence[int] = (),
+    ) -> list[Result]:
+        """Nearest ``kind`` ('images' or 'captions') to a query vector, stale ids dropped."""
+        check_k(k)
+        # Ask for a few more than k: -1 padding, stale rows and exclusions are dropped.
+        want = k + len(exclude) + 8
+        scores, ids = self.bundle.search(kind, vector[None, :], want)
+        pairs = [
+            (int(i), float(s))
+            for s, i in zip(scores[0], ids[0], strict=True)
+            if i >= 0 and int(i) not in exclude and (min_score is None or s >= min_score)
+        ]
+        if kind == "images":
+            facts = self.bundle.images([i for i, _ in pairs])
+            results = [
+                Result(i, s, path=facts[i].path, width=facts[i].width, height=facts[i].height)
+                for i, s in pairs
+                if i in facts
+            ]
+        else:
+            facts_c = self.bundle.captions([i for i, _ in pairs])
+            results = [Result(i, s, caption=facts_c[i].text) for i, s in pairs if i in facts_c]
+        return results[:k]
+
+    def _reranking(self, rerank: bool | None, rerank_k: int) -> bool:
+        if rerank and self.reranker is None:
+            raise QueryError(f"model {self.encoder.identity.name} has no reranker")
+        if not isinstance(rerank_k, int) or not 1 <= rerank_k <= MAX_RERANK_K:
+            raise QueryError(f"rerank_k must be an integer from 1 to {MAX_RERANK_K}")
+        return self.reranker is not None and rerank is not False
+
+    def text_query(self, q: str) -> tuple:
+        """What a text query needs: (embedding,) or (embedding, tokens, mask) to rerank."""
+        q = check_text(q)
+        if self.reranker is not None and self.reranker.needs_text_features:
+            return self.reranker.text_query(q)
+        return (self.encoder.encode_texts([q])[0],)
+
+    def text_to_images(
+        self,
+        q: str,
+        k: int = 10,
+        min_score: float | None = None,
+        rerank: bool | None = None,
+        rerank_k: int = DEFAULT_RERANK_K,
+        query: tuple | None = None,
+    ) -> list[Result]:
+        """Images best matching a text; reranked by default when the model has a reranker.
+
+        ``min_score`` filters on the dual-encoder cosine. ``query`` is a precomputed
+        ``text_query(q)`` (the web app caches them).
+        """
+        use = self._reranking(rerank, rerank_k)
+        query = query or self.text_query(q)
+        if not use:
+            return self.search_vector("images", query[0], k, min_score)
+        cands = self.search_vector("images", query[0], max(k, rerank_k), min_score)
+        if len(query) == 1:  # CoCa scores the raw text
+            query = (query[0], None, None)
+        head = self.reranker.images_for_text(check_text(q), query, cands[:rerank_k])
+        tail = [replace(r, cosine=r.score) for r in cands[rerank_k:]]
+        return (head + tail)[:k]
+
+    def text_to_captions(self, q: str, k: int = 10, min_score: float | None = None) -> list[Result]:
+        """Captions closest to a text (dual encoder only: text-text similarity)."""
+        return self.search_vector("captions", self.embed_text(q), k, min_score)
+
+    def image_to_images(
+        self, image: Image.Image, k: int = 10, min_score: float | None = None
+    ) -> list[Result]:
+        """Images most similar to an image (dual encoder: image-image similarity)."""
+        return self.search_vector("images", self.embed_image(image), k, min_score)
+
+    def image_to_captions(
+        self,
+        image: Image.Image,
+        k: int = 10,
+        min_score: float | None = None,
+        rerank: bool | None = None,
+        rerank_k: int = DEFAULT_RERANK_K,
+    ) -> list[Result]:
+        """Captions best describing an image; reranked by default when possible."""
+        use = self._reranking(rerank, rerank_k)
+        if not use or not self.encoder.has_image_tokens:
+            return self.search_vector("captions", self.embed_image(image), k, min_score)
+        emb, tokens = self.encoder.image_tokens(self.encoder.preprocess_image(image)[None])
+        cands = self.search_vector("captions", emb[0], max(k, rerank_k), min_score)
+        head = self.reranker.captions_for_image(tokens[0], cands[:rerank_k])
+        tail = [replace(r, cosine=r.score) for r in cands[rerank_k:]]
+        return (head + tail)[:k]
+
+    def similar_images(self, image_id: int, k: int = 10) -> list[Result]:
+        """'More like this': neighbours of an indexed image, itself excluded."""
+        vector = self.bundle.vectors("images", [image_id])[0]
+        if not vector.any():
+            return []
+        return self.search_vector("images", vector, k, exclude=(image_id,))
+
+    def close(self) -> None:
+        """Release catalog connections."""
+        self.bundle.close()

@@ -1,0 +1,96 @@
+"""The catalog: schema versions, SQLite settings, and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from image_fixtures import scene
+from sqlalchemy import create_engine, text
+
+from crossmodal.encoder import Encoder
+from indexer.catalog import (
+    SCHEMA_VERSION,
+    CatalogError,
+    Meta,
+    migrate,
+    open_engine,
+    public_url,
+    sqlite_url,
+)
+from indexer.pipeline import IndexOptions, run_index
+from indexer.verify import verify_bundle
+from search.engine import SearchEngine
+
+
+def test_new_catalog_is_stamped_and_a_newer_one_refused(tmp_path: Path) -> None:
+    engine = open_engine(sqlite_url(tmp_path / "c.sqlite"))
+    assert migrate(engine) == SCHEMA_VERSION
+    assert migrate(engine) == SCHEMA_VERSION  # idempotent
+    with engine.begin() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        conn.execute(
+            Meta.__table__.update().where(Meta.key == "schema_version").values(value="999")
+        )
+    with pytest.raises(CatalogError, match="v999 is newer"):
+        migrate(engine)
+
+
+def test_password_never_reaches_the_manifest() -> None:
+    assert (
+        public_url("postgresql+psycopg://u:secret@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
+    )
+    assert public_url("sqlite:///x.sqlite") == "sqlite:///x.sqlite"
+
+
+def test_unreachable_database_is_named() -> None:
+    with pytest.raises(CatalogError, match="cannot connect to catalog postgresql"):
+        open_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+
+
+def _pg_admin_url() -> str | None:
+    return os.environ.get("XMODAL_TEST_PG_URL")
+
+
+@pytest.fixture
+def pg_url():
+    admin = _pg_admin_url()
+    if not admin:
+        pytest.skip("no PostgreSQL server: set XMODAL_TEST_PG_URL (.ci/run starts one)")
+    try:
+        eng = create_engine(admin, isolation_level="AUTOCOMMIT")
+        with eng.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL at {public_url(admin)} is not reachable: {exc}")
+    name = f"xmodal_test_{uuid.uuid4().hex[:10]}"
+    with eng.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = eng.url.set(database=name).render_as_string(hide_password=False)
+    yield url
+    with eng.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    eng.dispose()
+
+
+def test_postgresql_catalog_end_to_end(pg_url: str, tiny_checkpoint: Path, tmp_path: Path):
+    enc = Encoder.load("xmodal-tiny", str(tiny_checkpoint))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        scene(i, 24).save(photos / f"{i}.png")
+    (photos / "broken.jpg").write_bytes(b"nope")
+    bundle = tmp_path / "bundle"
+    opts = IndexOptions(bundle=bundle, roots=[photos], db_url=pg_url, workers=0, progress=False)
+    first = run_index(enc, opts)
+    assert (first.counts["indexed"], first.counts["failed"]) == (6, 1)
+    assert not (bundle / "catalog.sqlite").exists()
+    (photos / "0.png").unlink()
+    again = run_index(enc, opts)
+    assert (again.counts["removed"], again.counts["unchanged"]) == (1, 5)
+    assert verify_bundle(bundle, pg_url).ok
+    engine = SearchEngine(bundle, enc, db_url=pg_url)
+    assert len(engine.text_to_images("anything", k=10)) == 5
+    engine.close()
