@@ -1,0 +1,181 @@
+"""End to end in a real headless Chromium against `xmodal serve` (waitress) on loopback.
+
+Uses Debian's chromium (/usr/bin/chromium) through playwright; no browser download.
+Screenshots of each page land in test-artifacts/ for people to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("XMODAL_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_bundle):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xmodal",
+            "serve",
+            "--bundle",
+            str(demo_bundle[1]),
+            "--port",
+            str(port),
+            "--threads",
+            "4",
+            "--max-upload-mb",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as r:
+                if json.load(r)["status"] == "ok":
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"xmodal serve did not start: {proc.stdout.read()}")
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _all_images_loaded(page) -> bool:
+    return page.evaluate(
+        "() => [...document.querySelectorAll('.grid img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)"
+    )
+
+
+def test_type_a_query_see_images_open_detail(server, browser, demo_bundle) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/")
+    page.fill("#q", "a large blue square")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".grid img")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.grid img')].every(i => i.complete)"
+    )
+    assert page.locator(".grid .card").count() == 24
+    assert _all_images_loaded(page)
+    assert "a large blue square" in page.inner_text("h1")
+    page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
+
+    page.click(".grid .card a >> nth=0")
+    page.wait_for_selector("text=More like this")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    assert page.locator(".captions li").count() >= 3  # the image's linked captions
+    assert page.locator(".grid .card").count() == 12
+    page.screenshot(path=str(ARTIFACTS / "detail.png"), full_page=True)
+
+    page.goto(server + "/status")
+    assert "60 indexed" in page.inner_text("main")
+    page.screenshot(path=str(ARTIFACTS / "status.png"), full_page=True)
+    page.close()
+
+
+def test_upload_an_image_see_captions(server, browser, demo_bundle) -> None:
+    root = demo_bundle[0]
+    image = sorted((root / "images" / "test").glob("*.png"))[5]
+    own = {
+        r["caption"]
+        for r in map(json.loads, (root / "test.jsonl").read_text().splitlines())
+        if r["image"].endswith(image.name)
+    }
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/image")
+    page.set_input_files("#image", str(image))  # the page's script submits on change
+    page.wait_for_selector(".captions li")
+    texts = [t.split(" ", 1)[1] for t in page.locator(".captions li").all_inner_texts()]
+    assert texts[0] in own
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.grid img')].every(i => i.complete)"
+    )
+    assert _all_images_loaded(page)
+    page.screenshot(path=str(ARTIFACTS / "image-search.png"), full_page=True)
+    page.close()
+
+
+def test_phone_width_layout(server, browser) -> None:
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    page.goto(server + "/?q=a+small+green+star")
+    page.wait_for_selector(".grid img")
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 390  # no sideways scrolling
+    page.screenshot(path=str(ARTIFACTS / "search-phone.png"))
+    page.close()
+
+
+def test_real_server_answers_413_with_json(server) -> None:
+    boundary = "xmodalboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + b"\x00" * (2 * 1024 * 1024)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    req = urllib.request.Request(
+        server + "/api/search/image",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 413
+    assert "error" in json.loads(err.value.read())

@@ -1,0 +1,285 @@
+"""The Flask app through its test client: every route, every bad input, the safety rules."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from image_fixtures import bomb_png, scene
+from PIL import Image
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from crossmodal.encoder import Encoder
+from indexer.catalog import ImageRow
+from indexer.pipeline import IndexOptions, run_index
+from search.engine import SearchEngine
+from web import create_app
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def app(demo_bundle, default_encoder: Encoder, tmp_path_factory):
+    engine = SearchEngine(demo_bundle[1], default_encoder)
+    return create_app(
+        {
+            "ENGINE": engine,
+            "TESTING": True,
+            "MAX_CONTENT_LENGTH": 1024 * 1024,
+            "THUMBNAIL_DIR": tmp_path_factory.mktemp("thumbs"),
+        }
+    )
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def first_image(root: Path) -> Path:
+    return sorted((root / "images" / "test").glob("*.png"))[0]
+
+
+def test_text_search_api(client) -> None:
+    r = client.get("/api/search", query_string={"q": "a large red circle", "k": 5})
+    assert r.status_code == 200 and r.is_json
+    doc = r.get_json()
+    assert doc["query"] == "a large red circle" and len(doc["results"]) == 5
+    assert {"id", "score", "path"} <= set(doc["results"][0])
+    assert r.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"q": "x", "k": "0"},
+        {"q": "x", "k": "1000000"},
+        {"q": "x", "k": "ten"},
+        {"q": "x", "k": "1.5"},
+        {"q": ""},
+        {"q": "   "},
+        {},
+        {"q": "x" * 100_000},
+        {"q": "x", "min_score": "high"},
+        {"q": "x", "min_score": "nan"},
+        {"q": "x", "min_score": "inf"},
+    ],
+)
+def test_bad_text_parameters_are_400(client, params) -> None:
+    r = client.get("/api/search", query_string=params)
+    assert r.status_code == 400
+    assert r.is_json and r.get_json()["error"]
+
+
+def test_image_search_api_both_targets(client, demo_bundle) -> None:
+    data = first_image(demo_bundle[0]).read_bytes()
+    r = client.post("/api/search/image", data={"image": (io.BytesIO(data), "q.png"), "k": "3"})
+    assert r.status_code == 200
+    results = r.get_json()["results"]
+    assert results[0]["path"].endswith("test_000000.png") and results[0]["score"] > 0.99
+    r = client.post(
+        "/api/search/image",
+        data={"image": (io.BytesIO(data), "q.png"), "target": "captions", "k": "4"},
+    )
+    own = {
+        row["caption"]
+        for row in map(json.loads, (demo_bundle[0] / "test.jsonl").read_text().splitlines())
+        if row["image"].endswith("test_000000.png")
+    }
+    assert r.get_json()["results"][0]["caption"] in own
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        ({}, 400),
+        ({"image": (io.BytesIO(b""), "empty.png")}, 400),
+        ({"image": (io.BytesIO(b"not an image at all"), "x.png")}, 400),
+        ({"image": (io.BytesIO(bomb_png()), "bomb.png")}, 400),
+        ({"image": (io.BytesIO(b"%PDF-1.4 fake"), "doc.pdf")}, 400),
+        ({"image": (io.BytesIO(b"\x00" * (2 * 1024 * 1024)), "big.png")}, 413),
+    ],
+)
+def test_bad_uploads(client, data, status) -> None:
+    r = client.post("/api/search/image", data=data)
+    assert r.status_code == status
+    assert r.is_json and r.get_json()["error"]
+
+
+def test_bad_image_parameters(client) -> None:
+    png = png_bytes(scene(1, 32))
+    for extra in ({"target": "videos"}, {"k": "0"}, {"k": "x"}):
+        r = client.post("/api/search/image", data={"image": (io.BytesIO(png), "a.png"), **extra})
+        assert r.status_code == 400, extra
+
+
+def test_image_routes(client, app) -> None:
+    hit = client.get("/api/search?q=a+blue+star&k=1").get_json()["results"][0]
+    info = client.get(f"/api/images/{hit['id']}").get_json()
+    assert info["path"] == hit["path"] and info["width"] == 128 and info["captions"]
+    thumb = client.get(f"/api/images/{hit['id']}/thumbnail")
+    assert thumb.status_code == 200 and thumb.mimetype == "image/webp"
+    cached = list(Path(app.config["THUMBNAIL_DIR"]).rglob("*.webp"))
+    assert len(cached) >= 1
+    before = cached[0].stat().st_mtime_ns
+    client.get(f"/api/images/{hit['id']}/thumbnail")
+    assert cached[0].stat().st_mtime_ns == before  # made once, then served from disk
+    f = client.get(f"/api/images/{hit['id']}/file")
+    assert f.status_code == 200 and f.mimetype == "image/png"
+    assert f.data == Path(hit["path"]).read_bytes()
+    similar = client.get(f"/api/images/{hit['id']}/similar?k=4").get_json()["results"]
+    assert len(similar) == 4 and hit["id"] not in {r["id"] for r in similar}
+    for route in ("", "/thumbnail", "/file", "/similar"):
+        r = client.get(f"/api/images/999999{route}")
+        assert r.status_code == 404 and r.is_json
+    assert client.get("/api/images/-1").status_code == 404
+    assert client.get("/api/images/abc").status_code == 404
+
+
+def test_stats_health_and_unknown_routes(client) -> None:
+    stats = client.get("/api/stats").get_json()
+    assert stats["counts"]["images_indexed"] == 60 and stats["model"]["name"]
+    assert client.get("/api/health").get_json()["status"] == "ok"
+    r = client.get("/api/nothing-here")
+    assert r.status_code == 404 and r.is_json
+    assert client.post("/api/search").status_code == 405
+
+
+def test_openapi_describes_every_api_route(client, app) -> None:
+    doc = client.get("/api/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.")
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    routed = set()
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/api"):
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            routed.add((path, method.lower()))
+    assert documented == routed
+
+
+def test_pages_render_and_escape(client) -> None:
+    home = client.get("/")
+    assert home.status_code == 200 and b'name="q"' in home.data
+    r = client.get("/", query_string={"q": "<script>alert(1)</script> red circle"})
+    assert r.status_code == 200
+    assert b"<script>alert(1)" not in r.data and b"&lt;script&gt;alert(1)" in r.data
+    assert r.data.count(b"/thumbnail") == 24
+    assert client.get("/", query_string={"q": "x", "k": "0"}).status_code == 400
+    assert client.get("/status").status_code == 200
+    assert client.get("/images/999999").status_code == 404
+    page = client.get("/images/1")
+    assert page.status_code == 200 and b"More like this" in page.data
+
+
+def test_upload_form_needs_its_csrf_token(client, demo_bundle) -> None:
+    data = first_image(demo_bundle[0]).read_bytes()
+    r = client.post("/image", data={"image": (io.BytesIO(data), "q.png")})
+    assert r.status_code == 400
+    form = client.get("/image").data.decode()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    r = client.post("/image", data={"image": (io.BytesIO(data), "q.png"), "csrf_token": token})
+    assert r.status_code == 200 and b"Captions for q.png" in r.data
+    r = client.post("/image", data={"image": (io.BytesIO(b"junk"), "q.png"), "csrf_token": token})
+    assert r.status_code == 400 and b"not an image" in r.data
+
+
+def test_random_inputs_never_give_5xx(client) -> None:
+    rng = random.Random(0)
+    junk = ["", " ", "-1", "0", "1e309", "NaN", "%00", "\u202e", "😀" * 300, "'\"<>&", "9" * 40]
+    for _ in range(150):
+        params = {key: rng.choice(junk) for key in rng.sample(["q", "k", "min_score", "target"], 3)}
+        assert client.get("/api/search", query_string=params).status_code < 500, params
+        assert client.get("/", query_string=params).status_code < 500, params
+        r = client.post(
+            "/api/search/image",
+            data={"image": (io.BytesIO(rng.randbytes(rng.randint(0, 300))), "r.bin"), **params},
+        )
+        assert r.status_code < 500, params
+
+
+@pytest.fixture(scope="module")
+def hostile(tiny_checkpoint: Path, tmp_path_factory):
+    """A tiny-model bundle with HTML in a file name and a caption, and a file that later
+    becomes a symlink leading out of the indexed folder."""
+    root = tmp_path_factory.mktemp("hostile")
+    photos = root / "photos"
+    photos.mkdir()
+    evil_name = '<img src=x onerror="alert(1)">.png'
+    scene(1, 32).save(photos / evil_name)
+    scene(2, 32).save(photos / "plain.png")
+    scene(3, 32).save(photos / "swapped.png")
+    (root / "caps.jsonl").write_text(
+        json.dumps({"image": f"photos/{evil_name}", "caption": '<script>alert("x")</script>'})
+        + "\n"
+    )
+    enc = Encoder.load("xmodal-tiny", str(tiny_checkpoint))
+    run_index(
+        enc,
+        IndexOptions(
+            bundle=root / "bundle",
+            roots=[photos],
+            captions=[root / "caps.jsonl"],
+            workers=0,
+            progress=False,
+        ),
+    )
+    app = create_app(
+        {
+            "ENGINE": SearchEngine(root / "bundle", enc),
+            "TESTING": True,
+            "THUMBNAIL_DIR": root / "thumbs",
+        }
+    )
+    return root, app
+
+
+def test_file_names_and_captions_are_escaped(hostile) -> None:
+    _, app = hostile
+    client = app.test_client()
+    results = client.get("/api/search?q=anything&k=10").get_json()["results"]
+    evil = next(r for r in results if "onerror" in r["path"])
+    page = client.get(f"/images/{evil['id']}").data
+    assert b'<img src=x onerror="alert(1)">' not in page
+    assert b"&lt;img src=x onerror=" in page
+    assert b'<script>alert("x")</script>' not in page
+    assert b"&lt;script&gt;alert(" in page
+    grid = client.get("/?q=anything").data
+    assert b'onerror="alert(1)"' not in grid
+
+
+def test_nothing_outside_the_indexed_folders_is_served(hostile) -> None:
+    root, app = hostile
+    client = app.test_client()
+    results = client.get("/api/search?q=anything&k=10").get_json()["results"]
+    by_name = {os.path.basename(r["path"]): r["id"] for r in results}
+    # A file replaced by a symlink that leads out of the root after indexing.
+    outside = root / "outside.png"
+    shutil.copy(root / "photos" / "swapped.png", outside)
+    (root / "photos" / "swapped.png").unlink()
+    (root / "photos" / "swapped.png").symlink_to(outside)
+    for route in ("/file", "/thumbnail"):
+        r = client.get(f"/api/images/{by_name['swapped.png']}{route}")
+        assert r.status_code == 404 and "outside" in r.get_json()["error"]
+    # A catalog path that climbs out of the root.
+    engine = app.extensions["xmodal"].bundle.engine
+    with Session(engine) as s, s.begin():
+        s.execute(
+            update(ImageRow)
+            .where(ImageRow.id == by_name["plain.png"])
+            .values(relpath=b"../../../../etc/hostname")
+        )
+    assert client.get(f"/api/images/{by_name['plain.png']}/file").status_code == 404

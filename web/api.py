@@ -1,0 +1,199 @@
+"""The JSON API (`/api`): search both ways, image facts and files, stats, health.
+
+Every bad parameter is a 400 with a message naming it; unknown ids are 404; uploads
+over the size limit are 413; errors are JSON objects ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException
+
+from crossmodal.images import ImageDecodeError
+from search.engine import DEFAULT_RERANK_K, MAX_RERANK_K, QueryError
+
+from .openapi import openapi_document
+from .service import NotServable
+from .service import current_service as service
+
+bp = Blueprint("api", __name__)
+
+
+class BadParameter(ValueError):
+    """A request parameter is missing or invalid."""
+
+
+def int_param(name: str, default: int, low: int, high: int) -> int:
+    """An integer parameter within [low, high]."""
+    raw = request.values.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadParameter(f"{name} must be an integer, got {raw[:40]!r}") from None
+    if not low <= value <= high:
+        raise BadParameter(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def float_param(name: str) -> float | None:
+    """An optional finite number."""
+    raw = request.values.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadParameter(f"{name} must be a number, got {raw[:40]!r}") from None
+    if not math.isfinite(value):
+        raise BadParameter(f"{name} must be a finite number")
+    return value
+
+
+def choice_param(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """One of a few values."""
+    value = request.values.get(name) or default
+    if value not in choices:
+        raise BadParameter(f"{name} must be one of {', '.join(choices)}, got {value[:40]!r}")
+    return value
+
+
+def rerank_params() -> tuple[bool | None, int]:
+    """(rerank, rerank_k): rerank=1/0 (default: on when the model has a reranker)."""
+    raw = request.values.get("rerank")
+    rerank: bool | None = None
+    if raw not in (None, ""):
+        if raw.lower() not in ("1", "0", "true", "false", "on", "off"):
+            raise BadParameter(f"rerank must be 1 or 0, got {raw[:40]!r}")
+        rerank = raw.lower() in ("1", "true", "on")
+    if rerank and not service().can_rerank:
+        raise BadParameter("this model has no reranker")
+    return rerank, int_param("rerank_k", DEFAULT_RERANK_K, 1, MAX_RERANK_K)
+
+
+def k_param() -> int:
+    """Number of results wanted."""
+    return int_param("k", current_app.config["DEFAULT_K"], 1, current_app.config["API_MAX_K"])
+
+
+def error(status: int, message: str) -> tuple[Response, int]:
+    """A JSON error response."""
+    return jsonify(error=message, status=status), status
+
+
+@bp.errorhandler(BadParameter)
+@bp.errorhandler(QueryError)
+@bp.errorhandler(ImageDecodeError)
+def _bad(exc: Exception) -> tuple[Response, int]:
+    return error(400, str(exc))
+
+
+@bp.errorhandler(NotServable)
+def _missing(exc: Exception) -> tuple[Response, int]:
+    return error(404, str(exc))
+
+
+@bp.errorhandler(HTTPException)
+def _http(exc: HTTPException) -> tuple[Response, int]:
+    return error(exc.code or 500, exc.description or exc.name)
+
+
+def results_json(query: Any, results: list) -> Response:
+    """The result envelope shared by the search routes."""
+    return jsonify(query=query, results=[r.to_dict() for r in results])
+
+
+@bp.get("/search")
+def search_text() -> Response:
+    """Text to images."""
+    q = request.args.get("q", "")
+    k = k_param()
+    min_score = float_param("min_score")
+    rerank, rerank_k = rerank_params()
+    return results_json(q, service().text_to_images(q, k, min_score, rerank, rerank_k))
+
+
+@bp.post("/search/image")
+def search_image() -> Response:
+    """Uploaded image to images or captions."""
+    upload = request.files.get("image")
+    if upload is None:
+        raise BadParameter("send the image as the multipart form field 'image'")
+    target = choice_param("target", "images", ("images", "captions"))
+    k = k_param()
+    min_score = float_param("min_score")
+    rerank, rerank_k = rerank_params()
+    data = upload.read()
+    if not data:
+        raise BadParameter("the uploaded image is empty")
+    results = service().image_query(data, target, k, min_score, rerank, rerank_k)
+    return results_json({"image": upload.filename or "upload", "target": target}, results)
+
+
+@bp.get("/images/<int:image_id>")
+def image_info(image_id: int) -> Response:
+    """An image's path, metadata and linked captions."""
+    return jsonify(service().image_details(image_id))
+
+
+@bp.get("/images/<int:image_id>/similar")
+def image_similar(image_id: int) -> Response:
+    """'More like this': images nearest to an indexed image."""
+    service().image(image_id)
+    return results_json({"image_id": image_id}, service().similar(image_id, k_param()))
+
+
+@bp.get("/images/<int:image_id>/thumbnail")
+def image_thumbnail(image_id: int) -> Response:
+    """A small WebP of the image (cached on disk)."""
+    response = send_file(service().thumbnail(image_id), mimetype="image/webp", max_age=86400)
+    return response
+
+
+_MIMETYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+    "MPO": "image/jpeg",
+    "HEIF": "image/heif",
+    "AVIF": "image/avif",
+}
+
+
+@bp.get("/images/<int:image_id>/file")
+def image_file(image_id: int) -> Response:
+    """The original file, by catalog id only, and only from inside the indexed folders."""
+    path, hit = service().safe_path(image_id)
+    mimetype = _MIMETYPES.get(hit.format or "", "application/octet-stream")
+    return send_file(path, mimetype=mimetype, conditional=True, max_age=3600)
+
+
+@bp.get("/stats")
+def stats() -> Response:
+    """Model, counts, index types, last run, failures."""
+    return jsonify(service().status())
+
+
+@bp.get("/health")
+def health() -> Response:
+    """Liveness: the bundle is open and the model loaded."""
+    svc = service()
+    return jsonify(
+        status="ok",
+        generation=svc.bundle.manifest.generation,
+        model=svc.engine.encoder.identity.name,
+        reranker=svc.engine.reranker.name if svc.can_rerank else None,
+    )
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3 description of this API."""
+    return jsonify(openapi_document(current_app.config["API_MAX_K"]))

@@ -1,0 +1,245 @@
+"""The OpenAPI 3 document of `/api` (a test checks it against the app's routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json(schema_ref: str, description: str = "OK") -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}},
+    }
+
+
+def openapi_document(max_k: int = 200) -> dict[str, Any]:
+    """The document, with the server's k limit."""
+    k = {
+        "name": "k",
+        "in": "query",
+        "required": False,
+        "description": "Number of results.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": max_k, "default": 24},
+    }
+    min_score = {
+        "name": "min_score",
+        "in": "query",
+        "required": False,
+        "description": "Drop results scoring below this cosine similarity.",
+        "schema": {"type": "number"},
+    }
+    rerank = {
+        "name": "rerank",
+        "in": "query",
+        "required": False,
+        "description": "1: re-score the top rerank_k with the cross-attention reranker "
+        "(default when the model has one); 0: dual encoder only.",
+        "schema": {"type": "integer", "enum": [0, 1]},
+    }
+    rerank_k = {
+        "name": "rerank_k",
+        "in": "query",
+        "required": False,
+        "description": "How many dual-encoder candidates the reranker re-scores.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 32},
+    }
+    image_id = {
+        "name": "image_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
+    not_found = _error("No indexed image with that id, or its file cannot be served.")
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "xmodal search API",
+            "version": "1",
+            "description": "Text-to-image and image-to-text search over an index bundle.",
+        },
+        "paths": {
+            "/api/search": {
+                "get": {
+                    "summary": "Images best matching a text",
+                    "parameters": [
+                        {
+                            "name": "q",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 1000},
+                        },
+                        k,
+                        min_score,
+                        rerank,
+                        rerank_k,
+                    ],
+                    "responses": {
+                        "200": _json("Results"),
+                        "400": _error("Bad parameter (empty or too long q, k out of range)."),
+                    },
+                }
+            },
+            "/api/search/image": {
+                "post": {
+                    "summary": "Images or captions best matching an uploaded image",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "properties": {
+                                        "image": {"type": "string", "format": "binary"},
+                                        "target": {
+                                            "type": "string",
+                                            "enum": ["images", "captions"],
+                                            "default": "images",
+                                        },
+                                        "k": {"type": "integer", "minimum": 1, "maximum": max_k},
+                                        "min_score": {"type": "number"},
+                                        "rerank": {"type": "integer", "enum": [0, 1]},
+                                        "rerank_k": {
+                                            "type": "integer",
+                                            "minimum": 1,
+                                            "maximum": 200,
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json("Results"),
+                        "400": _error("Missing or undecodable image, or a bad parameter."),
+                        "413": _error("The upload is larger than the server accepts."),
+                    },
+                }
+            },
+            "/api/images/{image_id}": {
+                "get": {
+                    "summary": "An image's path, metadata and linked captions",
+                    "parameters": [image_id],
+                    "responses": {"200": _json("ImageDetails"), "404": not_found},
+                }
+            },
+            "/api/images/{image_id}/similar": {
+                "get": {
+                    "summary": "Images most similar to an indexed image ('more like this')",
+                    "parameters": [image_id, k],
+                    "responses": {"200": _json("Results"), "404": not_found},
+                }
+            },
+            "/api/images/{image_id}/thumbnail": {
+                "get": {
+                    "summary": "A thumbnail (WebP, at most 256 pixels a side)",
+                    "parameters": [image_id],
+                    "responses": {
+                        "200": {
+                            "description": "The thumbnail",
+                            "content": {"image/webp": {}},
+                        },
+                        "404": not_found,
+                    },
+                }
+            },
+            "/api/images/{image_id}/file": {
+                "get": {
+                    "summary": "The original image file",
+                    "parameters": [image_id],
+                    "responses": {
+                        "200": {"description": "The file", "content": {"image/*": {}}},
+                        "404": not_found,
+                    },
+                }
+            },
+            "/api/stats": {
+                "get": {
+                    "summary": "Model, counts, index types, last run and failures",
+                    "responses": {
+                        "200": {
+                            "description": "Bundle status",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/api/health": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {
+                        "200": {
+                            "description": "Up",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3 document",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}, "status": {"type": "integer"}},
+                },
+                "Result": {
+                    "type": "object",
+                    "required": ["id", "score"],
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "score": {"type": "number"},
+                        "path": {"type": "string"},
+                        "caption": {"type": "string"},
+                        "width": {"type": "integer"},
+                        "height": {"type": "integer"},
+                        "cosine": {"type": "number", "description": "dual score, if reranked"},
+                        "match": {"type": "number", "description": "reranker score"},
+                    },
+                },
+                "Results": {
+                    "type": "object",
+                    "required": ["query", "results"],
+                    "properties": {
+                        "query": {},
+                        "results": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Result"},
+                        },
+                    },
+                },
+                "ImageDetails": {
+                    "type": "object",
+                    "required": ["id", "path"],
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "path": {"type": "string"},
+                        "width": {"type": "integer", "nullable": True},
+                        "height": {"type": "integer", "nullable": True},
+                        "bytes": {"type": "integer"},
+                        "format": {"type": "string", "nullable": True},
+                        "sha256": {"type": "string", "nullable": True},
+                        "captions": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+            }
+        },
+    }

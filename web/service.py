@@ -1,0 +1,201 @@
+"""The per-process search service the web app shares between its threads.
+
+The bundle and the model are loaded once per process. Repeated text queries hit an
+LRU cache of text embeddings; thumbnails are made once and kept on disk; image files
+are served only by catalog id, and only when their real path (symlinks resolved)
+lies inside an indexed root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from crossmodal.images import ImageDecodeError, decode_image
+from search.engine import DEFAULT_RERANK_K, ImageHit, Result, SearchEngine, check_text
+from search.status import bundle_status
+
+THUMBNAIL_SIZE = 256
+
+
+class NotServable(LookupError):
+    """The id is unknown, or its file may not or cannot be served."""
+
+
+class EmbeddingCache:
+    """A thread-safe LRU of query text -> its encoding (embedding, and tokens to rerank)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[str, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> tuple | None:
+        """The cached vector, marked recently used; None on a miss."""
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: tuple) -> None:
+        """Store a query encoding, evicting the least recently used."""
+        for part in value:
+            if isinstance(part, np.ndarray):
+                part.setflags(write=False)
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+class SearchService:
+    """Everything a request needs: engine, caches, safe file access."""
+
+    def __init__(
+        self, engine: SearchEngine, thumbnail_dir: Path | None = None, cache_size: int = 2048
+    ) -> None:
+        self.engine = engine
+        self.bundle = engine.bundle
+        self.text_cache = EmbeddingCache(cache_size)
+        self.thumbnail_dir = Path(thumbnail_dir or self.bundle.path / "thumbnails")
+        self._roots = [os.path.realpath(r) for r in self.bundle.roots()]
+
+    # ------------------------------------------------------------------ search
+
+    @property
+    def can_rerank(self) -> bool:
+        """Whether the loaded model has a reranker."""
+        return self.engine.reranker is not None
+
+    def text_query(self, q: str) -> tuple:
+        """Encoding of a query text, from the cache when seen before."""
+        key = check_text(q)
+        query = self.text_cache.get(key)
+        if query is None:
+            query = self.engine.text_query(key)
+            self.text_cache.put(key, query)
+        return query
+
+    def text_to_images(
+        self,
+        q: str,
+        k: int,
+        min_score: float | None,
+        rerank: bool | None = None,
+        rerank_k: int = DEFAULT_RERANK_K,
+    ) -> list[Result]:
+        """Images for a text query (reranked by default when the model can)."""
+        query = self.text_query(q)
+        return self.engine.text_to_images(q, k, min_score, rerank, rerank_k, query=query)
+
+    def image_query(
+        self,
+        data: bytes,
+        target: str,
+        k: int,
+        min_score: float | None = None,
+        rerank: bool | None = None,
+        rerank_k: int = DEFAULT_RERANK_K,
+    ) -> list[Result]:
+        """Images or captions for uploaded image bytes (decoded safely, kept in memory)."""
+        image = decode_image(data)
+        if target == "captions":
+            return self.engine.image_to_captions(image, k, min_score, rerank, rerank_k)
+        return self.engine.image_to_images(image, k, min_score)
+
+    def similar(self, image_id: int, k: int) -> list[Result]:
+        """'More like this' for an indexed image."""
+        return self.engine.similar_images(image_id, k)
+
+    # ------------------------------------------------------------------ catalog
+
+    def image(self, image_id: int) -> ImageHit:
+        """Catalog facts of an indexed image, or NotServable."""
+        hit = self.bundle.images([image_id]).get(image_id)
+        if hit is None:
+            raise NotServable(f"no indexed image with id {image_id}")
+        return hit
+
+    def image_details(self, image_id: int) -> dict[str, Any]:
+        """The image's path, metadata and linked captions."""
+        hit = self.image(image_id)
+        return {
+            "id": hit.id,
+            "path": hit.path,
+            "width": hit.width,
+            "height": hit.height,
+            "bytes": hit.size,
+            "format": hit.format,
+            "sha256": hit.content_hash,
+            "captions": [
+                {"id": c.id, "caption": c.text, "source": c.source}
+                for c in self.bundle.captions_of_image(image_id)
+            ],
+        }
+
+    def safe_path(self, image_id: int) -> tuple[str, ImageHit]:
+        """The real path of an image, only if it lies inside an indexed root."""
+        hit = self.image(image_id)
+        real = os.path.realpath(hit.fs_path)
+        inside = any(real == r or real.startswith(r.rstrip(b"/") + b"/") for r in self._roots)
+        if not inside:
+            raise NotServable(f"image {image_id} resolves outside the indexed folders")
+        if not os.path.isfile(real):
+            raise NotServable(f"image {image_id} is no longer on disk")
+        return os.fsdecode(real), hit
+
+    def thumbnail(self, image_id: int) -> Path:
+        """A WebP thumbnail, made once and cached on disk by content hash."""
+        path, hit = self.safe_path(image_id)
+        digest = hit.content_hash or hashlib.sha256(path.encode()).hexdigest()
+        target = self.thumbnail_dir / digest[:2] / f"{digest}-{THUMBNAIL_SIZE}.webp"
+        if target.is_file():
+            return target
+        try:
+            img = decode_image(path, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        except (OSError, ImageDecodeError) as exc:
+            raise NotServable(f"image {image_id} cannot be decoded: {exc}") from exc
+        img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "WEBP", quality=82)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Two threads may make the same thumbnail: each writes its own file, the
+        # rename is atomic, readers never see half a file.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, target)
+        return target
+
+    def status(self) -> dict[str, Any]:
+        """Model, counts, indexes, last run, failures."""
+        status = bundle_status(self.bundle, failures_limit=100)
+        status["text_cache"] = {
+            "size": len(self.text_cache._data),
+            "hits": self.text_cache.hits,
+            "misses": self.text_cache.misses,
+        }
+        return status
+
+
+def current_service() -> SearchService:
+    """The SearchService of the app handling the current request."""
+    from flask import current_app
+
+    return current_app.extensions["xmodal"]
