@@ -5,6 +5,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= data/demo
+BUNDLE ?= $(DEMO)/bundle
+PORT   ?= 5000
+QUERY  ?= a large red circle to the left of a small blue square on a white background
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -22,8 +25,19 @@ $(STAMP): pyproject.toml
 $(DEMO)/test.jsonl: | $(STAMP)
 	$(BIN)/xmodal demo-corpus --out $(DEMO)
 
+# The demo: evaluate the built-in model on the test split, index the test images and
+# captions, show searches both ways, then serve the pages and API until Ctrl+C.
 demo: $(STAMP) $(DEMO)/test.jsonl
 	$(BIN)/xmodal eval --pairs $(DEMO)/test.jsonl
+	$(BIN)/xmodal index $(DEMO)/images/test --captions $(DEMO)/test.jsonl --bundle $(BUNDLE)
+	@echo; echo "== text -> images: $(QUERY)"
+	@$(BIN)/xmodal search "$(QUERY)" --bundle $(BUNDLE) -k 3
+	@echo; echo "== image -> captions: $(DEMO)/images/test/test_000000.png"
+	@$(BIN)/xmodal search --image $(DEMO)/images/test/test_000000.png --target captions --bundle $(BUNDLE) -k 3
+	@echo; echo "== image -> similar images"
+	@$(BIN)/xmodal search --image $(DEMO)/images/test/test_000000.png --bundle $(BUNDLE) -k 3
+	@echo
+	$(BIN)/xmodal serve --bundle $(BUNDLE) --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,138 @@
+"""Recall after reranking, and compositional accuracy, from precomputed features.
+
+Shared by reranker training (to tune the fusion weight on val) and `xmodal eval
+--rerank`. Retrieval is two-stage as at search time: the dual encoder's top-k
+candidates are re-scored with ``match logit + w * cosine``; everything outside the
+top k keeps its dual-encoder order after them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .metrics import image_to_text_ranks, recall_at, text_to_image_ranks
+from .reranker import CrossModalReranker
+
+
+@dataclass
+class Features:
+    """Frozen dual-encoder outputs for a set of images and captions."""
+
+    image_emb: np.ndarray  # [N, D] unit vectors
+    image_tokens: torch.Tensor  # [N, P, Di] (float16 to save memory)
+    text_emb: np.ndarray  # [M, D]
+    text_tokens: torch.Tensor  # [M, L, Dt] padded
+    text_mask: torch.Tensor  # [M, L] True on real tokens
+    caption_image: np.ndarray  # [M] index into images
+    texts: list[str] | None = None  # the captions (scorers that read raw text need them)
+
+
+def fusion_weight(scorer: object) -> float:
+    """w of a scorer (CrossModalReranker keeps it in its config)."""
+    cfg = getattr(scorer, "cfg", None)
+    return float(cfg.fusion_weight if cfg is not None else scorer.fusion_weight)  # type: ignore[attr-defined]
+
+
+@torch.inference_mode()
+def pair_logits(
+    model: CrossModalReranker,
+    feats: Features,
+    text_idx: np.ndarray,
+    image_idx: np.ndarray,
+    chunk: int = 512,
+) -> np.ndarray:
+    """Match scores of (caption, image) index pairs, in chunks."""
+    out = np.empty(len(text_idx), np.float32)
+    reads_text = not getattr(model, "needs_text_features", True)
+    for s in range(0, len(text_idx), chunk):
+        t = torch.as_tensor(text_idx[s : s + chunk])
+        i = torch.as_tensor(image_idx[s : s + chunk])
+        if reads_text:  # CoCa: log p(caption | image tokens)
+            assert feats.texts is not None
+            texts = [feats.texts[j] for j in t.tolist()]
+            out[s : s + chunk] = model(texts, feats.image_tokens[i].float()).numpy()
+            continue
+        mask = feats.text_mask[t]
+        longest = int(mask.sum(1).max())
+        logits = model(
+            feats.text_tokens[t, :longest].float(),
+            mask[:, :longest],
+            feats.image_tokens[i].float(),
+        )
+        out[s : s + chunk] = logits.float().numpy()
+    return out
+
+
+def _reranked_positions(dual: np.ndarray, fused: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """New scores where the top-k candidates outrank everything else, in fused order."""
+    scores = dual.astype(np.float64).copy()
+    # Candidates above every non-candidate: offset by the dual range, keep fused order.
+    offset = (dual.max() - dual.min()) + 1.0 + (fused.max() - fused.min())
+    scores[cand] = dual.max() + offset + (fused - fused.max())
+    return scores
+
+
+def reranked_recall(
+    model: CrossModalReranker,
+    feats: Features,
+    k: int,
+    weights: Sequence[float],
+) -> dict[float, dict[str, dict[str, float]]]:
+    """Recall in both directions after reranking the top ``k``, for each fusion weight."""
+    sims = feats.text_emb @ feats.image_emb.T  # [M, N]
+    m, n = sims.shape
+    k_img, k_txt = min(k, n), min(k, m)
+    t_cand = np.argsort(-sims, axis=1)[:, :k_img]  # [M, k] image candidates per caption
+    i_cand = np.argsort(-sims.T, axis=1)[:, :k_txt]  # [N, k] caption candidates per image
+    t_logits = pair_logits(model, feats, np.repeat(np.arange(m), k_img), t_cand.ravel())
+    i_logits = pair_logits(model, feats, i_cand.ravel(), np.repeat(np.arange(n), k_txt))
+    t_logits, i_logits = t_logits.reshape(m, k_img), i_logits.reshape(n, k_txt)
+    out = {}
+    for w in weights:
+        t_scores = np.empty_like(sims, dtype=np.float64)
+        for q in range(m):
+            cos = sims[q, t_cand[q]]
+            t_scores[q] = _reranked_positions(sims[q], t_logits[q] + w * cos, t_cand[q])
+        i_scores = np.empty((n, m), dtype=np.float64)
+        for q in range(n):
+            cos = sims[i_cand[q], q]
+            i_scores[q] = _reranked_positions(sims[:, q], i_logits[q] + w * cos, i_cand[q])
+        out[float(w)] = {
+            "text_to_image": recall_at(text_to_image_ranks(t_scores, feats.caption_image)),
+            "image_to_text": recall_at(image_to_text_ranks(i_scores, feats.caption_image)),
+        }
+    return out
+
+
+def compositional_accuracy(
+    model: CrossModalReranker,
+    image_emb: np.ndarray,
+    image_tokens: torch.Tensor,
+    pos: tuple[np.ndarray, torch.Tensor, torch.Tensor],
+    neg: tuple[np.ndarray, torch.Tensor, torch.Tensor],
+) -> dict[str, float]:
+    """2-way accuracy: the true caption must outscore its swapped twin, image by image.
+
+    ``pos`` and ``neg`` are (embeddings [N, D], tokens [N, L, Dt], mask [N, L]) of the
+    true and the swapped caption of each image.
+    """
+    n = len(image_emb)
+    dual_pos = np.sum(image_emb * pos[0], axis=1)
+    dual_neg = np.sum(image_emb * neg[0], axis=1)
+    texts_pos = pos[3] if len(pos) > 3 else None
+    texts_neg = neg[3] if len(neg) > 3 else None
+    feats_pos = Features(image_emb, image_tokens, pos[0], pos[1], pos[2], np.arange(n), texts_pos)
+    feats_neg = Features(image_emb, image_tokens, neg[0], neg[1], neg[2], np.arange(n), texts_neg)
+    idx = np.arange(n)
+    w = fusion_weight(model)
+    fused_pos = pair_logits(model, feats_pos, idx, idx) + w * dual_pos
+    fused_neg = pair_logits(model, feats_neg, idx, idx) + w * dual_neg
+    return {
+        "pairs": int(n),
+        "dual": float(np.mean(dual_pos > dual_neg)),
+        "reranked": float(np.mean(fused_pos > fused_neg)),
+    }

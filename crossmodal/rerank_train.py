@@ -1,0 +1,343 @@
+"""`xmodal train-reranker`: image-text matching training over a frozen dual encoder.
+
+Features of the frozen encoder (pooled embeddings and token features) are computed
+once. Each step takes a batch of images with one of their captions and scores, with
+binary ITM loss:
+
+* the matched pairs;
+* hard negatives from the dual encoder's own similarities (ALBEF / BLIP): for each
+  caption an image drawn from softmax(similarity) over the batch, and for each image
+  a caption drawn likewise, with same-image entries masked;
+* compositional negatives: the image's caption with two attributes or its relation
+  swapped (crossmodal.negatives), which a bag-of-words scorer cannot reject.
+
+Afterwards the fusion weight w (score = logit + w * cosine) is chosen on val as the
+one with the best mean R@1 of both directions after reranking the top k, and saved
+with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .encoder import Encoder
+from .errors import DataError
+from .images import ImageDecodeError, decode_image
+from .negatives import negative
+from .pairs import PairSet, read_pairs
+from .rerank_eval import Features, compositional_accuracy, reranked_recall
+from .reranker import CrossModalReranker, RerankerConfig, itm_loss, pad_tokens
+
+FUSION_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+
+
+@dataclass
+class RerankTrainConfig:
+    """Everything a reranker training run depends on (recorded in metrics.json)."""
+
+    pairs: str
+    out: str
+    val: str | None = None
+    model: str | None = None  # dual encoder (default: the built-in model)
+    pretrained: str | None = None
+    images: int | None = 12_000  # training images used (features are held in memory)
+    captions_per_image: int = 2
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    width: int = 256
+    layers: int = 2
+    heads: int = 4
+    rerank_k: int = 32  # candidates re-scored when tuning w on val
+    val_images: int | None = 1000
+    seed: int = 0
+
+
+@torch.inference_mode()
+def image_features(
+    encoder: Encoder, paths: list, batch: int = 128, desc: str = "image features"
+) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+    """(embeddings [N, D], patch tokens [N, P, Di] float16, indices that loaded)."""
+    embs, toks, kept = [], [], []
+    for s in tqdm(range(0, len(paths), batch), desc=desc, unit="batch"):
+        x, ok = [], []
+        for i, p in enumerate(paths[s : s + batch]):
+            try:
+                x.append(encoder.preprocess_image(decode_image(p)))
+                ok.append(s + i)
+            except (OSError, ImageDecodeError):
+                continue
+        if not x:
+            continue
+        emb, tok = encoder.image_tokens(torch.stack(x))
+        embs.append(emb)
+        toks.append(tok.half())
+        kept += ok
+    if not kept:
+        raise DataError("no image could be loaded")
+    return np.concatenate(embs), torch.cat(toks), kept
+
+
+@torch.inference_mode()
+def text_features(
+    encoder: Encoder, texts: list[str], batch: int = 256, desc: str = "text features"
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """(embeddings [M, D], tokens [M, L, Dt] float16 padded, mask [M, L])."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    emb = np.zeros((len(texts), encoder.dim), np.float32)
+    seqs: list[torch.Tensor | None] = [None] * len(texts)
+    for s in tqdm(range(0, len(order), batch), desc=desc, unit="batch"):
+        idx = order[s : s + batch]
+        e, tok, mask = encoder.text_tokens([texts[i] for i in idx])
+        emb[idx] = e
+        for row, i in enumerate(idx):
+            seqs[i] = tok[row, mask[row]].half()
+    tokens, mask = pad_tokens([s for s in seqs if s is not None])
+    return emb, tokens, mask
+
+
+def features_for(
+    encoder: Encoder, pairs: PairSet, max_images: int | None, per_image: int | None, seed: int
+) -> tuple[Features, list[list[int]], PairSet]:
+    """Features of (a subset of) a pairs file; returns features, captions per image, pairs."""
+    rng = random.Random(seed)
+    order = list(range(len(pairs.images)))
+    if max_images is not None and len(order) > max_images:
+        order = sorted(rng.sample(order, max_images))
+    pairs = pairs.subset_images(order)
+    img_emb, img_tok, kept = image_features(encoder, pairs.images)
+    pairs = pairs.subset_images(kept)
+    caps_of = pairs.captions_of()
+    if per_image is not None:
+        keep = sorted(c for cs in caps_of for c in rng.sample(cs, min(per_image, len(cs))))
+        caps = [pairs.captions[c] for c in keep]
+        owner = pairs.caption_image[keep]
+        pairs = PairSet(pairs.source, pairs.images, caps, owner)
+        caps_of = pairs.captions_of()
+    t_emb, t_tok, t_mask = text_features(encoder, pairs.captions)
+    feats = Features(img_emb, img_tok, t_emb, t_tok, t_mask, pairs.caption_image, pairs.captions)
+    return feats, caps_of, pairs
+
+
+def compositional_set(
+    encoder: Encoder, pairs: PairSet, caps_of: list[list[int]], seed: int
+) -> tuple[np.ndarray, tuple, tuple]:
+    """For each image with a swappable caption: (image rows, true caption, swapped twin)."""
+    rng = random.Random(seed)
+    rows, pos, neg = [], [], []
+    for i, cs in enumerate(caps_of):
+        if not cs:
+            continue
+        own = {pairs.captions[c] for c in cs}
+        true = pairs.captions[cs[0]]
+        twin = negative(true, rng, avoid=own)
+        if twin is not None:
+            rows.append(i)
+            pos.append(true)
+            neg.append(twin)
+    if not rows:
+        return np.zeros(0, int), (), ()
+    return (
+        np.array(rows),
+        (*text_features(encoder, pos, desc="true captions"), pos),
+        (*text_features(encoder, neg, desc="swapped captions"), neg),
+    )
+
+
+def hard_neighbours(
+    emb_q: np.ndarray,
+    emb_c: np.ndarray,
+    positives: list[set[int]],
+    top: int = 16,
+    temperature: float = 20.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, its ``top`` most similar candidates that are not positives,
+    and softmax(similarity) sampling weights over them (ALBEF / BLIP hard negatives,
+    drawn from the whole training set rather than one batch: at search time the
+    reranker sees the dual encoder's top candidates, so those are what it must learn).
+    """
+    top = max(1, min(top, len(emb_c) - max(len(p) for p in positives) - 1))
+    nn = np.zeros((len(emb_q), top), np.int64)
+    weights = np.zeros((len(emb_q), top), np.float64)
+    for s in range(0, len(emb_q), 1024):
+        sims = emb_q[s : s + 1024] @ emb_c.T  # [chunk, candidates]
+        for row, pos in enumerate(positives[s : s + 1024]):
+            sims[row, list(pos)] = -np.inf
+        idx = np.argpartition(-sims, top, axis=1)[:, :top]
+        part = np.take_along_axis(sims, idx, axis=1) * temperature
+        part -= part.max(axis=1, keepdims=True)
+        w = np.exp(part)
+        nn[s : s + 1024] = idx
+        weights[s : s + 1024] = w / w.sum(axis=1, keepdims=True)
+    return nn, weights
+
+
+def _draw(nn: np.ndarray, weights: np.ndarray, rows: np.ndarray, rng: np.random.Generator):
+    """One neighbour per row, drawn by its weights."""
+    cum = weights[rows].cumsum(axis=1)
+    pick = (cum < rng.random((len(rows), 1))).sum(axis=1).clip(max=nn.shape[1] - 1)
+    return nn[rows, pick]
+
+
+def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
+    """Train, tune w on val, save; returns the metrics also written to OUT/metrics.json."""
+    started = time.time()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    encoder = Encoder.load(cfg.model, cfg.pretrained)
+    train_pairs = read_pairs(cfg.pairs)
+    feats, caps_of, train_pairs = features_for(
+        encoder, train_pairs, cfg.images, cfg.captions_per_image, cfg.seed
+    )
+    # One compositional twin per image (when its caption allows a swap).
+    comp_rows, _, comp_neg = compositional_set(encoder, train_pairs, caps_of, cfg.seed)
+    comp_of = {int(r): j for j, r in enumerate(comp_rows)}
+    prep_s = time.time() - started
+
+    rcfg = RerankerConfig(
+        text_width=feats.text_tokens.shape[-1],
+        image_width=feats.image_tokens.shape[-1],
+        width=cfg.width,
+        layers=cfg.layers,
+        heads=cfg.heads,
+    )
+    model = CrossModalReranker(rcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(caps_of)
+    # Positives: an image for every caption of the same text (the same scene twice).
+    by_text: dict[str, set[int]] = {}
+    for c, text in enumerate(train_pairs.captions):
+        by_text.setdefault(text, set()).add(int(feats.caption_image[c]))
+    text_ids: dict[str, set[int]] = {}
+    for c, text in enumerate(train_pairs.captions):
+        text_ids.setdefault(text, set()).add(c)
+    t_nn, t_w = hard_neighbours(
+        feats.text_emb, feats.image_emb, [by_text[t] for t in train_pairs.captions]
+    )
+    own_caps = [set().union(*(text_ids[train_pairs.captions[c]] for c in cs)) for cs in caps_of]
+    i_nn, i_w = hard_neighbours(feats.image_emb, feats.text_emb, own_caps)
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, total // 20)
+    history = []
+    step = 0
+    for epoch in range(1, cfg.epochs + 1):
+        perm = rng.permutation(n)
+        losses, accs = [], []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step")
+        for b in bar:
+            lr = cfg.lr * min(1.0, (step + 1) / warmup)
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            imgs = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            caps = np.array([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs])
+            neg_img = _draw(t_nn, t_w, caps, rng)  # a hard image for each caption
+            neg_cap = _draw(i_nn, i_w, imgs, rng)  # a hard caption for each image
+            t_idx = [caps, caps, neg_cap]
+            i_idx = [imgs, neg_img, imgs]
+            labels = [np.ones(len(imgs)), np.zeros(len(imgs)), np.zeros(len(imgs))]
+            comp = [comp_of[int(i)] for i in imgs if int(i) in comp_of]
+            tokens = [feats.text_tokens[np.concatenate(t_idx)]]
+            masks = [feats.text_mask[np.concatenate(t_idx)]]
+            images = [feats.image_tokens[np.concatenate(i_idx)]]
+            if comp:
+                c_imgs = np.array([int(i) for i in imgs if int(i) in comp_of])
+                tokens.append(comp_neg[1][comp])
+                masks.append(comp_neg[2][comp])
+                images.append(feats.image_tokens[c_imgs])
+                labels.append(np.zeros(len(comp)))
+            width = max(t.shape[1] for t in tokens)
+            text = torch.cat(
+                [torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in tokens]
+            )
+            mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+            longest = int(mask.sum(1).max())
+            y = torch.as_tensor(np.concatenate(labels))
+            logits = model(text[:, :longest].float(), mask[:, :longest], torch.cat(images).float())
+            # Positives are a quarter of the pairs: weight them up to balance the classes.
+            loss = itm_loss(logits, y, balance=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            accs.append(float(((logits > 0).float() == y).float().mean()))
+            step += 1
+            if b % 10 == 0:
+                bar.set_postfix(
+                    loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accs[-50:]):.3f}"
+                )
+        bar.close()
+        history.append(
+            {"epoch": epoch, "loss": float(np.mean(losses)), "pair_acc": float(np.mean(accs))}
+        )
+        print(
+            f"epoch {epoch}: ITM loss {history[-1]['loss']:.4f}  "
+            f"pair accuracy {history[-1]['pair_acc']:.3f}",
+            flush=True,
+        )
+    model.eval()
+
+    val_report: dict[str, Any] = {}
+    if cfg.val:
+        val_pairs = read_pairs(cfg.val)
+        vfeats, vcaps_of, val_pairs = features_for(
+            encoder, val_pairs, cfg.val_images, None, cfg.seed
+        )
+        by_w = reranked_recall(model, vfeats, cfg.rerank_k, FUSION_WEIGHTS)
+        best_w = max(
+            by_w, key=lambda w: by_w[w]["text_to_image"]["R@1"] + by_w[w]["image_to_text"]["R@1"]
+        )
+        model.cfg.fusion_weight = best_w
+        from .metrics import retrieval_recall
+
+        rows, pos, neg = compositional_set(encoder, val_pairs, vcaps_of, cfg.seed + 1)
+        val_report = {
+            "dual": retrieval_recall(vfeats.image_emb, vfeats.text_emb, vfeats.caption_image),
+            "reranked_by_weight": {str(w): v for w, v in by_w.items()},
+            "fusion_weight": best_w,
+            "reranked": by_w[best_w],
+            "rerank_k": cfg.rerank_k,
+        }
+        if len(rows):
+            val_report["compositional"] = compositional_accuracy(
+                model, vfeats.image_emb[rows], vfeats.image_tokens[rows], pos, neg
+            )
+        print(
+            f"val (k={cfg.rerank_k}, w={best_w}): {json.dumps(val_report['reranked'])}", flush=True
+        )
+    out = Path(cfg.out)
+    model.save(out, {"encoder": encoder.identity.to_dict()})
+    metrics = {
+        "settings": asdict(cfg),
+        "reranker": asdict(model.cfg),
+        "encoder": encoder.identity.to_dict(),
+        "train_images": n,
+        "train_captions": len(feats.text_emb),
+        "compositional_negatives": len(comp_rows),
+        "history": history,
+        "val": val_report,
+        "seconds": {"prepare": round(prep_s, 1), "total": round(time.time() - started, 1)},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics

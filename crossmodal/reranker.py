@@ -1,0 +1,155 @@
+"""The cross-attention reranker: text tokens attend to image patch tokens, one match logit.
+
+The seed article's ``CrossModalTransformer`` made real: N pre-norm blocks, each
+self-attention over the text tokens, cross-attention from the text tokens to the
+image's patch tokens, and a feed-forward layer, all with residuals; an image-text
+matching (ITM) head reads a learned [CLS] token prepended to the text. Padding tokens
+are masked out of every attention, so they cannot change the score.
+
+Dual encoders embed image and text separately and cannot bind "red" to "circle" or
+"left of" to the right objects; attending from each word to the image patches can.
+The final ranking score fuses both: ``score = match_logit + fusion_weight * cosine``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONFIG_FILE = "reranker_config.json"
+WEIGHTS_FILE = "reranker.safetensors"
+
+
+@dataclass
+class RerankerConfig:
+    """Shapes of the reranker (recorded next to its weights)."""
+
+    text_width: int = 384  # width of the text tower's token features (MiniLM: 384)
+    image_width: int = 192  # width of the image tower's patch tokens
+    width: int = 256  # fusion width
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    text_self_attention: bool = True
+    fusion_weight: float = 1.0  # w in: score = match logit + w * cosine (tuned on val)
+
+
+class Block(nn.Module):
+    """Pre-norm: text self-attention, text -> image cross-attention, feed-forward."""
+
+    def __init__(self, cfg: RerankerConfig) -> None:
+        super().__init__()
+        w = cfg.width
+        self.self_attn = (
+            nn.MultiheadAttention(w, cfg.heads, dropout=cfg.dropout, batch_first=True)
+            if cfg.text_self_attention
+            else None
+        )
+        self.ln_self = nn.LayerNorm(w)
+        self.ln_cross = nn.LayerNorm(w)
+        self.cross_attn = nn.MultiheadAttention(w, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.ln_mlp = nn.LayerNorm(w)
+        hidden = int(w * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(w, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, w)
+        )
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, W] text (+CLS); pad: [B, T] True on padding; img: [B, P, W]
+        if self.self_attn is not None:
+            h = self.ln_self(x)
+            x = x + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        h = self.ln_cross(x)
+        x = x + self.cross_attn(h, img, img, need_weights=False)[0]  # [B, T, W]
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class CrossModalReranker(nn.Module):
+    """Scores (text, image) pairs from token features: one match logit per pair."""
+
+    def __init__(self, cfg: RerankerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_in = nn.Linear(cfg.text_width, cfg.width)
+        self.image_in = nn.Linear(cfg.image_width, cfg.width)
+        self.ln_image = nn.LayerNorm(cfg.width)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.ln_out = nn.LayerNorm(cfg.width)
+        self.itm = nn.Linear(cfg.width, 1)
+        nn.init.normal_(self.cls, std=0.02)
+
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor
+    ) -> torch.Tensor:
+        """text [B, L, Dt], text_mask [B, L] (True = real token), image [B, P, Di] -> [B]."""
+        b = text.shape[0]
+        x = self.text_in(text)  # [B, L, W]
+        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1)  # [B, 1+L, W]
+        pad = torch.cat(
+            [torch.zeros(b, 1, dtype=torch.bool, device=text.device), ~text_mask.bool()], dim=1
+        )  # [B, 1+L]
+        img = self.ln_image(self.image_in(image))  # [B, P, W]
+        for block in self.blocks:
+            x = block(x, pad, img)
+        return self.itm(self.ln_out(x[:, 0])).squeeze(-1)  # [B]
+
+    def fuse(self, logits: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
+        """Final ranking score of pairs: match logit + w * dual-encoder cosine."""
+        return logits + self.cfg.fusion_weight * cosine
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, folder: Path, extra: dict | None = None) -> None:
+        """Write weights and config (plus ``extra`` facts, e.g. the encoder identity)."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE))
+        doc = {"config": asdict(self.cfg), **(extra or {})}
+        (folder / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> tuple[CrossModalReranker, dict]:
+        """(reranker in eval mode, the config file's other facts)."""
+        from safetensors.torch import load_file
+
+        doc = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        model = cls(RerankerConfig(**doc.pop("config")))
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, doc
+
+
+def pad_tokens(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length [Li, D] token sequences -> ([B, Lmax, D], mask [B, Lmax])."""
+    longest = max(s.shape[0] for s in seqs)
+    dim = seqs[0].shape[1]
+    out = torch.zeros(len(seqs), longest, dim, dtype=seqs[0].dtype)
+    mask = torch.zeros(len(seqs), longest, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return out, mask
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor, balance: bool = False) -> torch.Tensor:
+    """Binary image-text matching loss (1 = matched pair).
+
+    With ``balance`` the positives are weighted so both classes count equally.
+    """
+    labels = labels.float()
+    weight = None
+    if balance:
+        pos = labels.sum().clamp(min=1.0)
+        weight = torch.where(labels > 0, (len(labels) - pos) / pos, torch.ones_like(labels))
+    return F.binary_cross_entropy_with_logits(logits, labels, weight=weight)

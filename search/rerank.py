@@ -1,0 +1,184 @@
+"""Second stage of search: re-score the dual encoder's top-k with cross-attention.
+
+Two scorers: the project's CrossModalReranker (shipped next to the model in
+``<model folder>/reranker/``) and, for CoCa encoders, CoCa's caption likelihood. The
+final score is ``match score + w * cosine``; candidates beyond the reranked top-k keep
+their dual order after them. Candidates' token features come from the bundle's token
+cache, or are recomputed (image decoded again, caption re-encoded) when not cached.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossmodal.coca_scorer import CocaScorer, is_coca
+from crossmodal.encoder import Encoder
+from crossmodal.images import ImageDecodeError, decode_image
+from crossmodal.reranker import CrossModalReranker, pad_tokens
+from indexer.bundle import Bundle
+
+TextQuery = tuple[np.ndarray, torch.Tensor, torch.Tensor]  # (emb [D], tokens [L, Dt], mask [L])
+
+
+def reranker_folder(encoder: Encoder) -> Path | None:
+    """``<model folder>/reranker`` when the encoder was loaded from a folder that has one."""
+    pretrained = encoder.identity.pretrained or ""
+    if not pretrained.startswith("local-dir:"):
+        return None
+    folder = Path(pretrained[len("local-dir:") :]) / "reranker"
+    return folder if (folder / "reranker_config.json").is_file() else None
+
+
+def load_scorer(encoder: Encoder) -> CrossModalReranker | CocaScorer | None:
+    """The cross-attention scorer that goes with this encoder, if there is one."""
+    if is_coca(encoder):
+        return CocaScorer(encoder)
+    folder = reranker_folder(encoder)
+    if folder is None:
+        return None
+    model, doc = CrossModalReranker.load(folder)
+    trained_on = doc.get("encoder", {}).get("sha256")
+    if trained_on and trained_on != encoder.identity.sha256:
+        raise ValueError(
+            f"reranker in {folder} was trained over other encoder weights "
+            f"(sha256 {trained_on[:12]}, loaded {str(encoder.identity.sha256)[:12]})"
+        )
+    return model
+
+
+def fusion_weight(scorer: Any) -> float:
+    """w of a scorer."""
+    return float(scorer.cfg.fusion_weight if hasattr(scorer, "cfg") else scorer.fusion_weight)
+
+
+class Reranker:
+    """Re-scores search candidates of one bundle."""
+
+    def __init__(self, bundle: Bundle, encoder: Encoder, scorer: Any) -> None:
+        self.bundle = bundle
+        self.encoder = encoder
+        self.scorer = scorer
+        self.w = fusion_weight(scorer)
+        self.needs_text_features = getattr(scorer, "needs_text_features", True)
+
+    @property
+    def name(self) -> str:
+        """What reranks: 'cross-attention' or 'coca'."""
+        return "coca" if isinstance(self.scorer, CocaScorer) else "cross-attention"
+
+    # ------------------------------------------------------------------ features
+
+    def image_tokens(self, ids: list[int]) -> dict[int, torch.Tensor]:
+        """Patch tokens of indexed images: cached, else recomputed from the file."""
+        cached = {} if isinstance(self.scorer, CocaScorer) else self.bundle.tokens("images", ids)
+        out = {i: torch.from_numpy(t.astype(np.float32)) for i, t in cached.items()}
+        missing = [i for i in ids if i not in out]
+        if missing:
+            hits = self.bundle.images(missing)
+            batch, order = [], []
+            for i in missing:
+                hit = hits.get(i)
+                if hit is None or not os.path.isfile(hit.fs_path):
+                    continue
+                try:
+                    image = decode_image(os.fsdecode(hit.fs_path))  # a path, not bytes
+                    batch.append(self.encoder.preprocess_image(image))
+                    order.append(i)
+                except (OSError, ImageDecodeError):
+                    continue
+            if batch:
+                _, toks = self.encoder.image_tokens(torch.stack(batch))
+                out.update(zip(order, toks, strict=True))
+        return out
+
+    def caption_tokens(self, ids: list[int], texts: dict[int, str]) -> dict[int, torch.Tensor]:
+        """Token features of captions: cached, else re-encoded."""
+        out = {
+            i: torch.from_numpy(t.astype(np.float32))
+            for i, t in self.bundle.tokens("captions", ids).items()
+        }
+        missing = [i for i in ids if i not in out and i in texts]
+        if missing:
+            _, toks, mask = self.encoder.text_tokens([texts[i] for i in missing])
+            out.update((i, t[m]) for i, t, m in zip(missing, toks, mask, strict=True))
+        return out
+
+    def text_query(self, q: str) -> TextQuery:
+        """Embedding and token features of a query text, from one text-tower pass."""
+        emb, tok, mask = self.encoder.text_tokens([q])
+        return emb[0], tok[0], mask[0]
+
+    # ------------------------------------------------------------------ reranking
+
+    @torch.inference_mode()
+    def _score(
+        self,
+        texts: list[str],
+        text_tok: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        image_tok: torch.Tensor,
+    ) -> np.ndarray:
+        if self.needs_text_features:
+            return self.scorer(text_tok, mask, image_tok).float().numpy()
+        return self.scorer(texts, image_tok).float().numpy()
+
+    def _merge(self, candidates: list, order_scores: dict[int, tuple[float, float]]) -> list:
+        scored = [
+            replace(r, score=order_scores[r.id][0], cosine=r.score, match=order_scores[r.id][1])
+            for r in candidates
+            if r.id in order_scores
+        ]
+        scored.sort(key=lambda r: -r.score)
+        rest = [replace(r, cosine=r.score) for r in candidates if r.id not in order_scores]
+        return scored + rest
+
+    def images_for_text(self, q: str, query: TextQuery, candidates: list) -> list:
+        """Re-score image candidates of a text query; returns them re-ordered."""
+        if not candidates:
+            return candidates
+        toks = self.image_tokens([r.id for r in candidates])
+        ids = [r.id for r in candidates if r.id in toks]
+        if not ids:
+            return candidates
+        image_tok = torch.stack([toks[i] for i in ids])  # [K, P, Di]
+        k = len(ids)
+        _, q_tok, q_mask = query
+        if self.needs_text_features:
+            logits = self._score(
+                [], q_tok[None].expand(k, -1, -1), q_mask[None].expand(k, -1), image_tok
+            )
+        else:
+            logits = self._score([q] * k, None, None, image_tok)
+        cos = {r.id: r.score for r in candidates}
+        fused = {
+            i: (float(lg + self.w * cos[i]), float(lg)) for i, lg in zip(ids, logits, strict=True)
+        }
+        return self._merge(candidates, fused)
+
+    def captions_for_image(self, image_tok: torch.Tensor, candidates: list) -> list:
+        """Re-score caption candidates of an image query ([P, Di] tokens)."""
+        if not candidates:
+            return candidates
+        texts = {r.id: r.caption for r in candidates}
+        ids = [r.id for r in candidates]
+        k = len(ids)
+        if self.needs_text_features:
+            toks = self.caption_tokens(ids, texts)
+            ids = [i for i in ids if i in toks]
+            text_tok, mask = pad_tokens([toks[i] for i in ids])
+            logits = self._score([], text_tok, mask, image_tok[None].expand(len(ids), -1, -1))
+        else:
+            logits = self._score(
+                [texts[i] for i in ids], None, None, image_tok[None].expand(k, -1, -1)
+            )
+        cos = {r.id: r.score for r in candidates}
+        fused = {
+            i: (float(lg + self.w * cos[i]), float(lg)) for i, lg in zip(ids, logits, strict=True)
+        }
+        return self._merge(candidates, fused)

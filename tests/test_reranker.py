@@ -1,0 +1,308 @@
+"""The cross-attention reranker: shapes and masks, training, reranked search, CoCa."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from crossmodal.coca_scorer import CocaScorer
+from crossmodal.encoder import Encoder
+from crossmodal.negatives import negative, swaps
+from crossmodal.registry import register_config
+from crossmodal.rerank_train import RerankTrainConfig, train_reranker
+from crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_tokens
+from indexer.catalog import ImageTokens
+from indexer.pipeline import IndexOptions, run_index
+from search.engine import QueryError, SearchEngine
+from web import create_app
+from xmodal.cli import main
+
+
+def test_padding_tokens_cannot_change_the_score() -> None:
+    torch.manual_seed(0)
+    model = CrossModalReranker(RerankerConfig(text_width=12, image_width=10, width=16, heads=2))
+    model.eval()
+    text = torch.randn(2, 6, 12)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    image = torch.randn(2, 9, 10)
+    out = model(text, mask, image)
+    assert out.shape == (2,)
+    noisy = text.clone()
+    noisy[0, 4:] = 1000.0  # garbage where the mask says padding
+    torch.testing.assert_close(model(noisy, mask, image), out)
+    # Real tokens and the image do matter.
+    assert not torch.allclose(model(text, mask, image.flip(1) + 1), out)
+    assert model.fuse(out, torch.ones(2)).sub(out).allclose(torch.full((2,), 1.0))
+
+
+def test_pad_tokens() -> None:
+    padded, mask = pad_tokens([torch.ones(2, 3), torch.ones(4, 3)])
+    assert padded.shape == (2, 4, 3) and mask.sum(1).tolist() == [2, 4]
+    assert padded[0, 2:].abs().sum() == 0
+
+
+def test_compositional_negatives_swap_words_not_meaning() -> None:
+    cap = "a small red circle to the left of a large blue star on a white background"
+    kinds = dict((k, t) for k, t in swaps(cap))
+    assert kinds["shape"] == (
+        "a small red star to the left of a large blue circle on a white background"
+    )
+    assert "right of" in kinds["relation"]
+    assert all(
+        sorted(t.split()) != sorted(cap.split()) or t != cap for t in dict(swaps(cap)).values()
+    )
+    assert negative("a red red", __import__("random").Random(0)) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_with_reranker(tiny_local_dir: Path, small_corpus: Path, tmp_path_factory) -> Path:
+    """A copy of the tiny model folder with a freshly trained reranker inside."""
+    folder = tmp_path_factory.mktemp("tiny-rr") / "model"
+    shutil.copytree(tiny_local_dir, folder)
+    metrics = train_reranker(
+        RerankTrainConfig(
+            pairs=str(small_corpus / "train.jsonl"),
+            val=str(small_corpus / "val.jsonl"),
+            out=str(folder / "reranker"),
+            model=f"local-dir:{folder}",
+            images=96,
+            epochs=4,
+            batch_size=16,
+            width=32,
+            layers=1,
+            heads=2,
+            rerank_k=8,
+            lr=2e-3,
+        )
+    )
+    (folder / "reranker" / "test-metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_training_lowers_itm_loss_and_separates_pairs(tiny_with_reranker: Path) -> None:
+    metrics = json.loads((tiny_with_reranker / "reranker" / "test-metrics.json").read_text())
+    losses = [h["loss"] for h in metrics["history"]]
+    assert losses[-1] < losses[0]
+    assert metrics["history"][-1]["pair_acc"] > 0.6  # well above the 0.5 of a coin
+    assert metrics["val"]["fusion_weight"] in {0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0}
+    doc = json.loads((tiny_with_reranker / "reranker" / "reranker_config.json").read_text())
+    assert doc["config"]["fusion_weight"] == metrics["val"]["fusion_weight"]
+    assert doc["encoder"]["name"] == "xmodal-tiny"
+
+
+@pytest.fixture(scope="module")
+def rr_bundle(tiny_with_reranker: Path, small_corpus: Path, tmp_path_factory):
+    enc = Encoder.load(f"local-dir:{tiny_with_reranker}")
+    bundle = tmp_path_factory.mktemp("rr") / "bundle"
+    run_index(
+        enc,
+        IndexOptions(
+            bundle=bundle,
+            roots=[small_corpus / "images" / "test"],
+            captions=[small_corpus / "test.jsonl"],
+            workers=0,
+            progress=False,
+            cache_tokens=True,
+        ),
+    )
+    return enc, bundle
+
+
+def test_reranked_results_permute_the_dual_candidates(rr_bundle) -> None:
+    enc, bundle = rr_bundle
+    engine = SearchEngine(bundle, enc)
+    assert engine.reranker is not None and engine.reranker.name == "cross-attention"
+    q = "a small red circle on a white background"
+    dual = engine.text_to_images(q, k=8, rerank=False)
+    reranked = engine.text_to_images(q, k=8, rerank=True, rerank_k=8)
+    assert sorted(r.id for r in reranked) == sorted(r.id for r in dual)
+    w = engine.reranker.w
+    cos = {r.id: r.score for r in dual}
+    for r in reranked:
+        assert r.cosine == pytest.approx(cos[r.id], abs=1e-6)
+        assert r.score == pytest.approx(r.match + w * r.cosine, abs=1e-5)
+    assert [r.score for r in reranked] == sorted((r.score for r in reranked), reverse=True)
+    # k beyond rerank_k: the rest follow in dual order.
+    longer = engine.text_to_images(q, k=12, rerank=True, rerank_k=4)
+    assert [r.id for r in longer[4:]] == [
+        r.id for r in engine.text_to_images(q, k=12, rerank=False)[4:]
+    ]
+
+
+def test_image_to_captions_is_reranked_too(rr_bundle, small_corpus: Path) -> None:
+    from crossmodal.images import decode_image
+
+    enc, bundle = rr_bundle
+    engine = SearchEngine(bundle, enc)
+    image = decode_image(sorted((small_corpus / "images" / "test").glob("*.png"))[0])
+    dual = engine.image_to_captions(image, k=6, rerank=False)
+    reranked = engine.image_to_captions(image, k=6, rerank=True, rerank_k=6)
+    assert sorted(r.id for r in reranked) == sorted(r.id for r in dual)
+    assert all(r.match is not None and r.caption for r in reranked)
+
+
+def test_token_cache_and_recomputation_agree(rr_bundle) -> None:
+    enc, bundle = rr_bundle
+    engine = SearchEngine(bundle, enc)
+    q = "a large blue square"
+    cached = engine.text_to_images(q, k=6, rerank_k=6)
+    ids = [r.id for r in cached]
+    assert set(engine.bundle.tokens("images", ids)) == set(ids)
+    from sqlalchemy import delete
+    from sqlalchemy.orm import Session
+
+    with Session(engine.bundle.engine) as s, s.begin():
+        s.execute(delete(ImageTokens))
+    recomputed = engine.text_to_images(q, k=6, rerank_k=6)
+    assert [r.id for r in recomputed] == ids
+    np.testing.assert_allclose([r.match for r in recomputed], [r.match for r in cached], atol=0.05)
+
+
+def test_rerank_flags_in_cli_and_api(rr_bundle) -> None:
+    enc, bundle = rr_bundle
+    runner = CliRunner()
+    for flags in (["--rerank", "--rerank-k", "4"], ["--no-rerank"]):
+        out = runner.invoke(
+            main, ["search", "a red star", "--bundle", str(bundle), "-k", "4", "--json", *flags]
+        )
+        assert out.exit_code == 0, out.output
+        first = json.loads(out.output)["results"][0]
+        assert ("match" in first) == (flags[0] == "--rerank")
+    app = create_app({"ENGINE": SearchEngine(bundle, enc), "TESTING": True})
+    client = app.test_client()
+    r = client.get("/api/search?q=a+red+star&k=4&rerank=1&rerank_k=4").get_json()
+    assert "match" in r["results"][0]
+    r = client.get("/api/search?q=a+red+star&k=4&rerank=0").get_json()
+    assert "match" not in r["results"][0]
+    assert client.get("/api/search?q=x&rerank=maybe").status_code == 400
+    assert client.get("/api/search?q=x&rerank_k=0").status_code == 400
+    page = client.get("/?q=a+red+star").data
+    assert b'name="rerank"' in page and b"checked" in page
+
+
+def test_no_reranker_means_rerank_requests_are_refused(
+    tiny_checkpoint: Path, small_corpus, tmp_path
+):
+    enc = Encoder.load("xmodal-tiny", str(tiny_checkpoint))
+    run_index(
+        enc,
+        IndexOptions(
+            bundle=tmp_path / "b",
+            roots=[small_corpus / "images" / "val"],
+            workers=0,
+            progress=False,
+        ),
+    )
+    engine = SearchEngine(tmp_path / "b", enc)
+    assert engine.reranker is None
+    with pytest.raises(QueryError, match="no reranker"):
+        engine.text_to_images("x", rerank=True)
+    client = create_app({"ENGINE": engine, "TESTING": True}).test_client()
+    assert client.get("/api/search?q=x&rerank=1").status_code == 400
+
+
+def test_eval_rerank_json(tiny_with_reranker: Path, small_corpus: Path) -> None:
+    out = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--pairs",
+            str(small_corpus / "test.jsonl"),
+            "--model",
+            f"local-dir:{tiny_with_reranker}",
+            "--rerank",
+            "--rerank-k",
+            "8",
+            "--json",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert set(doc["dual"]) == {"text_to_image", "image_to_text"}
+    assert set(doc["text_to_image"]) == {"R@1", "R@5", "R@10"}
+    assert set(doc["compositional"]) == {"pairs", "dual", "reranked"}
+    assert doc["compositional"]["pairs"] > 0
+
+
+TINY_COCA = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 32,
+        "layers": 1,
+        "width": 32,
+        "patch_size": 8,
+        "head_width": 16,
+        "attentional_pool": True,
+        "attn_pooler_heads": 2,
+        "attn_pooler_queries": 8,
+        "output_tokens": True,
+    },
+    "text_cfg": {
+        "context_length": 16,
+        "vocab_size": 49408,
+        "width": 32,
+        "heads": 2,
+        "layers": 1,
+        "embed_cls": True,
+        "output_tokens": True,
+    },
+    "multimodal_cfg": {
+        "context_length": 16,
+        "vocab_size": 49408,
+        "width": 32,
+        "heads": 2,
+        "layers": 1,
+        "attn_pooler_heads": 2,
+    },
+    "custom_text": True,
+}
+
+
+def test_coca_caption_likelihood_reranks(tmp_path: Path, small_corpus: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    register_config("xmodal-tiny-coca", TINY_COCA)
+    torch.manual_seed(0)
+    coca = open_clip.create_model("xmodal-tiny-coca")
+    with torch.no_grad():
+        for p in coca.parameters():
+            # open_clip leaves a few CoCa tensors as torch.empty (uninitialised memory,
+            # sometimes NaN); real checkpoints overwrite them, so do the same here.
+            if not torch.isfinite(p).all() or p.abs().max() > 1e3:
+                torch.nn.init.normal_(p, std=0.02)
+    weights = tmp_path / "coca.safetensors"
+    save_file({k: v.contiguous() for k, v in coca.state_dict().items()}, str(weights))
+    enc = Encoder.load("xmodal-tiny-coca", str(weights))
+    scorer = CocaScorer(enc)
+    from PIL import Image
+
+    x = enc.preprocess_image(Image.new("RGB", (40, 40), "red"))[None].expand(2, -1, -1, -1)
+    _, tokens = enc.image_tokens(x)
+    scores = scorer(["a red square", "a photo of a cat on a sofa"], tokens)
+    assert scores.shape == (2,) and torch.all(scores <= 0)  # mean log-probabilities
+    run_index(
+        enc,
+        IndexOptions(
+            bundle=tmp_path / "b",
+            roots=[small_corpus / "images" / "test"],
+            captions=[small_corpus / "test.jsonl"],
+            workers=0,
+            progress=False,
+        ),
+    )
+    engine = SearchEngine(tmp_path / "b", enc)
+    assert engine.reranker is not None and engine.reranker.name == "coca"
+    image = Image.open(sorted((small_corpus / "images" / "test").glob("*.png"))[0]).convert("RGB")
+    dual = engine.image_to_captions(image, k=5, rerank=False)
+    reranked = engine.image_to_captions(image, k=5, rerank_k=5)
+    assert sorted(r.id for r in reranked) == sorted(r.id for r in dual)
+    assert all(r.match is not None and r.match <= 0 for r in reranked)
+    texts = engine.text_to_images("a red circle", k=5, rerank_k=5)
+    assert all(r.match is not None for r in texts)
