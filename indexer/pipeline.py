@@ -26,33 +26,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from crossmodal.encoder import Encoder
 
-from . import ann
 from .bundle import (
-    IndexInfo,
     Manifest,
     catalog_url,
-    index_file_name,
-    read_index,
     read_manifest,
-    remove_stale_index_files,
-    write_index,
     write_manifest,
 )
-from .captions import CaptionRecord, read_caption_file
+from .caption_index import CaptionFileError, index_captions
 from .catalog import (
     EXCLUDED,
     FAILED,
     INDEXED,
     REMOVED,
-    CaptionLink,
-    CaptionRow,
-    CaptionTokens,
     ImageRow,
     ImageTokens,
     Root,
@@ -63,7 +54,9 @@ from .catalog import (
     utcnow,
 )
 from .decode import Decoded, DecodePool, Job
+from .publish import PublishError, publish
 from .sources import CANDIDATE, Entry, walk
+from .tokens import TokenBudget, token_fields, tokens_of
 
 
 class IndexRunError(RuntimeError):
@@ -110,15 +103,6 @@ class RunReport:
         }
 
 
-def _token_fields(tokens: np.ndarray) -> dict[str, Any]:
-    t = np.ascontiguousarray(tokens, dtype=np.float16)
-    return {"length": int(t.shape[0]), "width": int(t.shape[1]), "data": t.tobytes()}
-
-
-def _tokens_of(row: Any) -> np.ndarray:
-    return np.frombuffer(row.data, np.float16).reshape(row.length, row.width)
-
-
 def _vector_bytes(v: np.ndarray) -> bytes:
     return np.ascontiguousarray(v, dtype=np.float32).tobytes()
 
@@ -133,7 +117,7 @@ class Indexer:
         self.report = RunReport()
         self.manifest: Manifest | None = None
         self._renamed_from: set[bytes] = set()  # old paths whose rows a rename reused
-        self._token_bytes = 0
+        self.budget: TokenBudget | None = None  # set when token features are cached
 
     # ------------------------------------------------------------------ setup
 
@@ -163,11 +147,8 @@ class Indexer:
         )
         self.engine = open_engine(url)
         migrate(self.engine)
-        with Session(self.engine) as s:
-            self._token_bytes = sum(
-                s.execute(select(func.coalesce(func.sum(func.length(t.data)), 0))).scalar() or 0
-                for t in (ImageTokens, CaptionTokens)
-            )
+        if self.opts.cache_tokens:
+            self.budget = TokenBudget(self.engine, self.opts.token_cache_mb, self.report.counts)
         if self.manifest is None:
             # A new bundle is valid (empty) from its first instant: a run killed before
             # its first publication leaves a bundle that verifies and resumes.
@@ -351,18 +332,9 @@ class Indexer:
             s.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values))
             # Old tokens describe the old content.
             s.execute(delete(ImageTokens).where(ImageTokens.image_id == image_id))
-        if tokens is not None and self._token_room(tokens):
-            s.add(ImageTokens(image_id=image_id, **_token_fields(tokens)))
+        if tokens is not None and self.budget is not None and self.budget.take(tokens):
+            s.add(ImageTokens(image_id=image_id, **token_fields(tokens)))
         return image_id
-
-    def _token_room(self, tokens: np.ndarray) -> bool:
-        """Whether the token caches may grow by these tokens (else they are recomputed)."""
-        size = tokens.size * 2
-        if self._token_bytes + size > self.opts.token_cache_mb * 2**20:
-            self.report.counts["tokens_not_cached"] += 1
-            return False
-        self._token_bytes += size
-        return True
 
     def _process(
         self,
@@ -403,7 +375,7 @@ class Indexer:
                 return
             pixels = torch.from_numpy(np.stack([d.pixels for _, d in pending]))
             tokens: list[np.ndarray | None] = [None] * len(pending)
-            if self.opts.cache_tokens:
+            if self.budget is not None:
                 vectors, toks = self.encoder.image_tokens(pixels)
                 tokens = list(toks.half().numpy())
             else:
@@ -500,204 +472,11 @@ class Indexer:
                 return False
             copy = Decoded(d.key, d.content_hash, None, src.width, src.height, src.format)
             cached = s.get(ImageTokens, src.id)
-            tokens = _tokens_of(cached) if cached is not None else None
+            tokens = tokens_of(cached) if cached is not None else None
             self._upsert(
                 s, root_id, e, row, INDEXED, decoded=copy, vector=src.vector, tokens=tokens
             )
         return True
-
-    def index_captions(self) -> None:
-        """Read caption files; add new captions with vectors and image links."""
-        counts = self.report.counts
-        records: dict[str, CaptionRecord] = {}
-        links: list[tuple[str, Path, str]] = []  # (text hash, caption file, image ref)
-        for path in self.opts.captions:
-            try:
-                parsed = read_caption_file(path)
-            except ValueError as exc:
-                raise IndexRunError(str(exc)) from exc
-            self.report.problems.extend(parsed.problems)
-            counts["caption_rows_skipped"] += len(parsed.problems)
-            for rec in parsed.records:
-                counts["caption_rows"] += 1
-                key = rec.text_hash
-                if key in records:
-                    counts["caption_duplicates"] += 1
-                else:
-                    records[key] = rec
-                if rec.image:
-                    links.append((key, Path(path).resolve().parent, rec.image))
-        if not records:
-            return
-        with Session(self.engine) as s:
-            existing = (
-                dict(
-                    s.execute(
-                        select(CaptionRow.text_hash, CaptionRow.id).where(
-                            CaptionRow.text_hash.in_(list(records))
-                        )
-                    ).all()
-                )
-                if len(records) < 30000
-                else dict(s.execute(select(CaptionRow.text_hash, CaptionRow.id)).all())
-            )
-        # Similar lengths together: less padding per batch.
-        new = sorted((k for k in records if k not in existing), key=lambda k: len(records[k].text))
-        counts["captions_unchanged"] += len(records) - len(new)
-        bar = tqdm(total=len(new), desc="captions", unit="cap", disable=not self.opts.progress)
-        step = 512
-        for i in range(0, len(new), step):
-            keys = new[i : i + step]
-            texts = [records[k].text for k in keys]
-            tokens: list[np.ndarray | None] = [None] * len(keys)
-            if self.opts.cache_tokens:
-                vectors, toks, mask = self.encoder.text_tokens(texts)
-                tokens = [t[m].half().numpy() for t, m in zip(toks, mask, strict=True)]
-            else:
-                vectors = self.encoder.encode_texts(texts)
-            with Session(self.engine) as s, s.begin():
-                for k, v, t in zip(keys, vectors, tokens, strict=True):
-                    rec = records[k]
-                    row = CaptionRow(
-                        text_hash=k,
-                        text=rec.text,
-                        source=rec.source,
-                        vector=_vector_bytes(v),
-                        run_id=self.report.run_id,
-                    )
-                    s.add(row)
-                    s.flush()
-                    existing[k] = row.id
-                    if t is not None and self._token_room(t):
-                        s.add(CaptionTokens(caption_id=row.id, **_token_fields(t)))
-            counts["captions_indexed"] += len(keys)
-            bar.update(len(keys))
-        bar.close()
-        self._link_captions(links, existing)
-
-    def _link_captions(self, links: list[tuple[str, Path, str]], caption_ids: dict[str, int]):
-        if not links:
-            return
-        counts = self.report.counts
-        with Session(self.engine) as s, s.begin():
-            roots = {r.path: r.id for r in s.execute(select(Root)).scalars()}
-            wanted: set[tuple[int, int]] = set()
-            lookup: dict[bytes, int | None] = {}
-            for key, base, ref in links:
-                target = os.fsencode(os.path.normpath(os.path.join(base, ref)))
-                if target not in lookup:
-                    lookup[target] = self._image_id(s, roots, target)
-                image_id = lookup[target]
-                if image_id is None:
-                    counts["caption_links_unresolved"] += 1
-                    continue
-                wanted.add((caption_ids[key], image_id))
-            have = set(
-                s.execute(
-                    select(CaptionLink.caption_id, CaptionLink.image_id).where(
-                        CaptionLink.caption_id.in_({c for c, _ in wanted} or {-1})
-                    )
-                ).all()
-            )
-            for cid, iid in wanted - have:
-                s.add(CaptionLink(caption_id=cid, image_id=iid))
-            counts["caption_links"] += len(wanted)
-
-    @staticmethod
-    def _image_id(s: Session, roots: dict[bytes, int], target: bytes) -> int | None:
-        for root, root_id in roots.items():
-            prefix = root.rstrip(b"/") + b"/"
-            if target.startswith(prefix):
-                rel = target[len(prefix) :]
-                hit = s.execute(
-                    select(ImageRow.id).where(
-                        ImageRow.root_id == root_id,
-                        ImageRow.relpath == rel,
-                        ImageRow.status == INDEXED,
-                    )
-                ).scalar()
-                if hit is not None:
-                    return hit
-        return None
-
-    # ------------------------------------------------------------------ FAISS
-
-    def sync_indexes(self) -> None:
-        """Bring each FAISS index in line with the catalog, write a new generation."""
-        assert self.manifest is not None
-        manifest = self.manifest
-        generation = manifest.generation + 1
-        dim = self.encoder.dim
-        for kind, model in (("images", ImageRow), ("captions", CaptionRow)):
-            info = manifest.indexes.get(kind, IndexInfo())
-            with Session(self.engine) as s:
-                q = select(model.id).where(model.vector.is_not(None))
-                if model is ImageRow:
-                    q = q.where(ImageRow.status == INDEXED)
-                want = np.array(sorted(i for (i,) in s.execute(q).all()), dtype=np.int64)
-            # Keep the index while its type still fits; otherwise build anew (e.g. the
-            # collection outgrew exact search, or an IVF's nlist no longer fits its size).
-            factory = self.opts.index_factory or ann.choose_factory(len(want))
-            if info.file and info.factory == factory:
-                index = read_index(self.bundle / info.file)
-            else:
-                train = self._vectors(model, want[:100_000]) if len(want) else None
-                try:
-                    index = ann.build(factory, dim, train)
-                except (ValueError, RuntimeError) as exc:
-                    raise IndexRunError(f"cannot build a {factory!r} index: {exc}") from exc
-            have = ann.index_ids(index)
-            extra = np.setdiff1d(have, want)
-            missing = np.setdiff1d(want, have)
-            ann.remove(index, extra)
-            for i in range(0, len(missing), 20_000):
-                ids = missing[i : i + 20_000]
-                ann.add(index, ids, self._vectors(model, ids))
-            params: dict[str, Any] = {}
-            if index.ntotal and factory.startswith("IVF"):
-                sample = want[np.random.default_rng(0).permutation(len(want))[:20_000]]
-                params["nprobe"] = ann.tune_nprobe(index, self._vectors(model, sample), sample)
-            name = index_file_name(kind, generation)
-            write_index(index, self.bundle / name)
-            manifest.indexes[kind] = IndexInfo(
-                file=name, factory=factory, count=int(index.ntotal), params=params
-            )
-        with Session(self.engine) as s:
-            status_counts = dict(
-                s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all()
-            )
-            manifest.counts = {
-                "images_indexed": status_counts.get(INDEXED, 0),
-                "images_failed": status_counts.get(FAILED, 0),
-                "images_excluded": status_counts.get(EXCLUDED, 0),
-                "captions": s.execute(select(func.count()).select_from(CaptionRow)).scalar() or 0,
-                "caption_links": s.execute(select(func.count()).select_from(CaptionLink)).scalar()
-                or 0,
-            }
-            manifest.roots = [
-                p.decode("utf-8", "replace") for (p,) in s.execute(select(Root.path)).all()
-            ]
-        manifest.generation = generation
-        manifest.published_run = self.report.run_id
-        write_manifest(self.bundle, manifest)
-        remove_stale_index_files(self.bundle, manifest)
-        with Session(self.engine) as s, s.begin():  # no published index holds them now
-            s.execute(delete(ImageRow).where(ImageRow.status == REMOVED))
-        self.report.generation = generation
-
-    def _vectors(self, model: type, ids: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(ids), self.encoder.dim), np.float32)
-        if len(ids) == 0:
-            return out
-        pos = {int(i): n for n, i in enumerate(ids)}
-        with Session(self.engine) as s:
-            for start in range(0, len(ids), 5000):
-                chunk = [int(i) for i in ids[start : start + 5000]]
-                for id_, blob in s.execute(
-                    select(model.id, model.vector).where(model.id.in_(chunk))
-                ).all():
-                    out[pos[id_]] = np.frombuffer(blob, np.float32)
-        return out
 
     # ------------------------------------------------------------------ run
 
@@ -710,8 +489,29 @@ class Indexer:
             if self.opts.roots:
                 self.index_images()
             if self.opts.captions:
-                self.index_captions()
-            self.sync_indexes()
+                index_captions(
+                    self.engine,
+                    self.encoder,
+                    self.opts.captions,
+                    self.report.run_id,
+                    self.report.counts,
+                    self.report.problems,
+                    self.budget,
+                    self.opts.progress,
+                )
+            assert self.manifest is not None
+            self.report.generation = publish(
+                self.engine,
+                self.bundle,
+                self.manifest,
+                self.encoder.dim,
+                self.report.run_id,
+                self.opts.index_factory,
+            )
+        except (CaptionFileError, PublishError) as exc:
+            self.report.seconds = time.time() - started
+            self._finish_run("failed")
+            raise IndexRunError(str(exc)) from exc
         except BaseException:
             self.report.seconds = time.time() - started
             self._finish_run("failed")

@@ -1,0 +1,133 @@
+"""Publishing a generation: FAISS indexes synced with the catalog, then the manifest.
+
+The catalog holds every vector; each index is brought in line with it (ids added and
+removed in place while its type still fits the collection, else built anew), written
+under the new generation's file name, and only then named by the manifest. Rows of
+files that disappeared are purged once no published index can hold their ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.orm import Session
+
+from . import ann
+from .bundle import (
+    IndexInfo,
+    Manifest,
+    index_file_name,
+    read_index,
+    remove_stale_index_files,
+    write_index,
+    write_manifest,
+)
+from .catalog import (
+    EXCLUDED,
+    FAILED,
+    INDEXED,
+    REMOVED,
+    CaptionLink,
+    CaptionRow,
+    ImageRow,
+    Root,
+)
+
+
+class PublishError(RuntimeError):
+    """An index of the requested type cannot be built."""
+
+
+def stored_vectors(engine: Engine, model: type, ids: np.ndarray, dim: int) -> np.ndarray:
+    """[len(ids), dim] vectors of catalog rows, in the order of ``ids``."""
+    out = np.zeros((len(ids), dim), np.float32)
+    pos = {int(i): n for n, i in enumerate(ids)}
+    with Session(engine) as s:
+        for start in range(0, len(ids), 5000):
+            chunk = [int(i) for i in ids[start : start + 5000]]
+            for id_, blob in s.execute(
+                select(model.id, model.vector).where(model.id.in_(chunk))
+            ).all():
+                out[pos[id_]] = np.frombuffer(blob, np.float32)
+    return out
+
+
+def _live_ids(engine: Engine, model: type) -> np.ndarray:
+    with Session(engine) as s:
+        q = select(model.id).where(model.vector.is_not(None))
+        if model is ImageRow:
+            q = q.where(ImageRow.status == INDEXED)
+        return np.array(sorted(i for (i,) in s.execute(q).all()), dtype=np.int64)
+
+
+def sync_index(
+    engine: Engine, bundle: Path, info: IndexInfo, model: type, dim: int, factory: str | None
+) -> tuple[Any, str, dict[str, Any]]:
+    """(index holding exactly the catalog's live vectors, its factory, search params)."""
+    want = _live_ids(engine, model)
+    # Keep the index while its type still fits; otherwise build anew (e.g. the
+    # collection outgrew exact search, or an IVF's nlist no longer fits its size).
+    factory = factory or ann.choose_factory(len(want))
+    if info.file and info.factory == factory:
+        index = read_index(bundle / info.file)
+    else:
+        train = stored_vectors(engine, model, want[:100_000], dim) if len(want) else None
+        try:
+            index = ann.build(factory, dim, train)
+        except (ValueError, RuntimeError) as exc:
+            raise PublishError(f"cannot build a {factory!r} index: {exc}") from exc
+    have = ann.index_ids(index)
+    ann.remove(index, np.setdiff1d(have, want))
+    missing = np.setdiff1d(want, have)
+    for i in range(0, len(missing), 20_000):
+        ids = missing[i : i + 20_000]
+        ann.add(index, ids, stored_vectors(engine, model, ids, dim))
+    params: dict[str, Any] = {}
+    if index.ntotal and factory.startswith("IVF"):
+        sample = want[np.random.default_rng(0).permutation(len(want))[:20_000]]
+        params["nprobe"] = ann.tune_nprobe(
+            index, stored_vectors(engine, model, sample, dim), sample
+        )
+    return index, factory, params
+
+
+def publish(
+    engine: Engine,
+    bundle: Path,
+    manifest: Manifest,
+    dim: int,
+    run_id: int,
+    factory: str | None = None,
+) -> int:
+    """Write the next generation (indexes, then manifest); returns its number."""
+    generation = manifest.generation + 1
+    for kind, model in (("images", ImageRow), ("captions", CaptionRow)):
+        info = manifest.indexes.get(kind, IndexInfo())
+        index, used, params = sync_index(engine, bundle, info, model, dim, factory)
+        name = index_file_name(kind, generation)
+        write_index(index, bundle / name)
+        manifest.indexes[kind] = IndexInfo(
+            file=name, factory=used, count=int(index.ntotal), params=params
+        )
+    with Session(engine) as s:
+        status = dict(
+            s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all()
+        )
+        manifest.counts = {
+            "images_indexed": status.get(INDEXED, 0),
+            "images_failed": status.get(FAILED, 0),
+            "images_excluded": status.get(EXCLUDED, 0),
+            "captions": s.execute(select(func.count()).select_from(CaptionRow)).scalar() or 0,
+            "caption_links": s.execute(select(func.count()).select_from(CaptionLink)).scalar() or 0,
+        }
+        manifest.roots = [p.decode("utf-8", "replace") for (p,) in s.execute(select(Root.path))]
+    manifest.generation = generation
+    manifest.published_run = run_id
+    write_manifest(bundle, manifest)
+    remove_stale_index_files(bundle, manifest)
+    with Session(engine) as s, s.begin():  # no published index can hold them now
+        s.execute(delete(ImageRow).where(ImageRow.status == REMOVED))
+    return generation

@@ -1,0 +1,147 @@
+"""Model commands: the demo corpus, training the encoder and the reranker, evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli import friendly_errors, load_encoder, model_options
+
+
+@click.command("demo-corpus")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--size", type=click.IntRange(1), default=30_000, show_default=True, help="Training images."
+)
+@click.option("--val-size", type=click.IntRange(1), default=1_000, show_default=True)
+@click.option("--test-size", type=click.IntRange(1), default=1_000, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=None, help="Rendering processes.")
+@friendly_errors
+def demo_corpus(
+    out: Path, seed: int, size: int, val_size: int, test_size: int, workers: int | None
+) -> None:
+    """Write the synthetic demo corpus (images + train/val/test JSONL pairs)."""
+    from crossmodal.corpus import CorpusSpec, write_corpus
+    from crossmodal.threads import default_threads
+
+    spec = CorpusSpec(seed=seed, train_size=size, val_size=val_size, test_size=test_size)
+    counts = write_corpus(out, spec, workers=workers or default_threads())
+    click.echo(
+        f"wrote {out}: "
+        + ", ".join(f"{k} {v} images ({out / (k + '.jsonl')})" for k, v in counts.items())
+    )
+
+
+@click.command()
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--val", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--model", "model_name", default=None, help="open_clip or xmodal config name.")
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="JSON model config.",
+)
+@click.option("--pretrained", default=None, help="Start from these weights (tag/file/local-dir:).")
+@click.option("--lock-text", is_flag=True, help="Freeze the text tower (LiT).")
+@click.option("--lock-image", is_flag=True, help="Freeze the image tower.")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(2), default=256, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--limit-images", type=click.IntRange(1), default=None, help="Quick runs.")
+@friendly_errors
+def train(**kwargs: Any) -> None:
+    """Contrastive (CLIP) training on an image-caption pairs file."""
+    from crossmodal.train import TrainConfig
+    from crossmodal.train import train as run
+
+    if not kwargs["model_name"] and not kwargs["config"] and not kwargs["pretrained"]:
+        raise click.UsageError("say what to train: --model NAME or --config FILE")
+    kwargs["model"] = kwargs.pop("model_name")
+    metrics = run(TrainConfig(**kwargs))
+    best = metrics["best_val"]
+    click.echo(f"saved {kwargs['out']} (best epoch {metrics['best_epoch']})")
+    if best:
+        click.echo(
+            f"val text->image R@1 {best['text_to_image']['R@1']:.3f}  "
+            f"image->text R@1 {best['image_to_text']['R@1']:.3f}"
+        )
+
+
+@click.command("train-reranker")
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--val", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@model_options
+@click.option(
+    "--images",
+    type=click.IntRange(1),
+    default=12_000,
+    show_default=True,
+    help="Training images used (their token features are held in memory).",
+)
+@click.option("--captions-per-image", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--batch-size", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--layers", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--width", type=click.IntRange(16), default=256, show_default=True)
+@click.option("--rerank-k", type=click.IntRange(1, 200), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
+    """Train the cross-attention reranker over a frozen dual encoder (ITM loss)."""
+    from crossmodal.rerank_train import RerankTrainConfig, train_reranker
+
+    metrics = train_reranker(RerankTrainConfig(model=model_name, **kwargs))
+    click.echo(f"saved {kwargs['out']}")
+    if metrics["val"]:
+        v = metrics["val"]
+        click.echo(
+            f"val R@1 text->image {v['dual']['text_to_image']['R@1']:.3f} -> "
+            f"{v['reranked']['text_to_image']['R@1']:.3f}, image->text "
+            f"{v['dual']['image_to_text']['R@1']:.3f} -> "
+            f"{v['reranked']['image_to_text']['R@1']:.3f} (w = {v['fusion_weight']})"
+        )
+
+
+@click.command("eval")
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False), required=True)
+@model_options
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--rerank", is_flag=True, help="Also rerank the top k with cross-attention.")
+@click.option("--rerank-k", type=click.IntRange(1, 200), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly_errors
+def eval_cmd(
+    pairs: str,
+    model_name: str | None,
+    pretrained: str | None,
+    batch_size: int,
+    rerank: bool,
+    rerank_k: int,
+    as_json: bool,
+) -> None:
+    """Image-text retrieval recall (R@1/5/10, both directions) on a pairs file."""
+    from search.evaluate import evaluate_pairs, evaluate_reranked, format_table
+
+    encoder = load_encoder(model_name, pretrained)
+    if rerank:
+        result = evaluate_reranked(encoder, pairs, rerank_k)
+    else:
+        result = evaluate_pairs(encoder, pairs, batch_size=batch_size, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(format_table(result))
+
+
+COMMANDS = [demo_corpus, train, train_reranker_cmd, eval_cmd]
