@@ -22,7 +22,9 @@ from crossmodal.encoder import Encoder
 from crossmodal.errors import ModelError
 from crossmodal.loading import default_model_dir, load_model
 from crossmodal.registry import sha256_file
-from indexer.bundle import Bundle, BundleError, ImageHit
+from indexer.bundle import Bundle, BundleError, ImageHit, read_manifest
+
+from .rerank import Reranker, load_scorer
 
 __all__ = ["ImageHit", "ModelMismatchError", "QueryError", "Result", "SearchEngine"]
 
@@ -75,6 +77,20 @@ def encoder_for_bundle(bundle: Bundle) -> Encoder:
     return Encoder(load_model(name, pretrained))
 
 
+def _below(head: list[Result], tail: list[Result]) -> list[Result]:
+    """Candidates past the reranked ones, in dual order, scored below all of them.
+
+    Reranked scores (match logit + w * cosine) and cosines are on different scales; the
+    tail keeps its cosine in ``cosine`` and gets a floor score (as ALBEF gives
+    non-candidates) so that ``score`` stays the ranking order.
+    """
+    if not tail:
+        return []
+    floor = min((r.score for r in head), default=0.0) - 1.0
+    top = tail[0].score
+    return [replace(r, cosine=r.score, score=floor - (top - r.score)) for r in tail]
+
+
 def check_k(k: int) -> int:
     """k must be 1..MAX_K."""
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
@@ -102,8 +118,7 @@ class SearchEngine:
         rerank: bool | None = None,
     ) -> None:
         """Open a bundle; ``rerank`` False skips loading the model's reranker."""
-        from .rerank import Reranker, load_scorer
-
+        self.db_url = db_url
         self.bundle = Bundle(Path(bundle_path), db_url)
         self.encoder = encoder or encoder_for_bundle(self.bundle)
         built, loaded = self.bundle.identity, self.encoder.identity
@@ -116,6 +131,27 @@ class SearchEngine:
             )
         scorer = load_scorer(self.encoder) if rerank is not False else None
         self.reranker = Reranker(self.bundle, self.encoder, scorer) if scorer else None
+
+    def refresh(self) -> bool:
+        """Switch to a newer generation that `xmodal index` published since opening.
+
+        Requests in flight keep the bundle object they started with; later ones get the
+        new one. Returns True when it switched.
+        """
+        try:
+            generation = read_manifest(self.bundle.path).generation
+        except BundleError:
+            return False
+        if generation == self.bundle.manifest.generation:
+            return False
+        fresh = Bundle(self.bundle.path, self.db_url)
+        if not fresh.identity.matches(self.encoder.identity):
+            fresh.close()
+            return False
+        self.bundle = fresh
+        if self.reranker is not None:
+            self.reranker.bundle = fresh
+        return True
 
     # ------------------------------------------------------------------ queries
 
@@ -185,6 +221,7 @@ class SearchEngine:
         ``min_score`` filters on the dual-encoder cosine. ``query`` is a precomputed
         ``text_query(q)`` (the web app caches them).
         """
+        check_k(k)
         use = self._reranking(rerank, rerank_k)
         query = query or self.text_query(q)
         if not use:
@@ -193,8 +230,7 @@ class SearchEngine:
         if len(query) == 1:  # CoCa scores the raw text
             query = (query[0], None, None)
         head = self.reranker.images_for_text(check_text(q), query, cands[:rerank_k])
-        tail = [replace(r, cosine=r.score) for r in cands[rerank_k:]]
-        return (head + tail)[:k]
+        return (head + _below(head, cands[rerank_k:]))[:k]
 
     def text_to_captions(self, q: str, k: int = 10, min_score: float | None = None) -> list[Result]:
         """Captions closest to a text (dual encoder only: text-text similarity)."""
@@ -215,14 +251,14 @@ class SearchEngine:
         rerank_k: int = DEFAULT_RERANK_K,
     ) -> list[Result]:
         """Captions best describing an image; reranked by default when possible."""
+        check_k(k)
         use = self._reranking(rerank, rerank_k)
         if not use or not self.encoder.has_image_tokens:
             return self.search_vector("captions", self.embed_image(image), k, min_score)
         emb, tokens = self.encoder.image_tokens(self.encoder.preprocess_image(image)[None])
         cands = self.search_vector("captions", emb[0], max(k, rerank_k), min_score)
         head = self.reranker.captions_for_image(tokens[0], cands[:rerank_k])
-        tail = [replace(r, cosine=r.score) for r in cands[rerank_k:]]
-        return (head + tail)[:k]
+        return (head + _below(head, cands[rerank_k:]))[:k]
 
     def similar_images(self, image_id: int, k: int = 10) -> list[Result]:
         """'More like this': neighbours of an indexed image, itself excluded."""

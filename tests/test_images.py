@@ -117,3 +117,14 @@ def test_a_file_that_blocks_is_failed_after_the_time_bound(tmp_path: Path) -> No
     assert "longer than 2 s" in results["fifo"].error
     assert results["good"].error is None and results["good"].width == 96
     assert time.monotonic() - t0 < 60
+
+
+def test_heic_is_decoded_when_pillow_heif_is_installed(tmp_path: Path) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    buf = io.BytesIO()
+    scene(5, 64).save(buf, format="HEIF")
+    data = buf.getvalue()
+    assert sniff_format(data[:32]) == "HEIF"
+    img, info = decode_image(data, with_info=True)
+    assert img.mode == "RGB" and img.size == (64, 64) and info["format"] == "HEIF"

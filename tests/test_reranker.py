@@ -37,7 +37,7 @@ def test_padding_tokens_cannot_change_the_score() -> None:
     noisy[0, 4:] = 1000.0  # garbage where the mask says padding
     torch.testing.assert_close(model(noisy, mask, image), out)
     # Real tokens and the image do matter.
-    assert not torch.allclose(model(text, mask, image.flip(1) + 1), out)
+    assert not torch.allclose(model(text, mask, torch.randn_like(image)), out)
     assert model.fuse(out, torch.ones(2)).sub(out).allclose(torch.full((2,), 1.0))
 
 
@@ -90,7 +90,9 @@ def test_training_lowers_itm_loss_and_separates_pairs(tiny_with_reranker: Path) 
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
     assert metrics["history"][-1]["pair_acc"] > 0.6  # well above the 0.5 of a coin
-    assert metrics["val"]["fusion_weight"] in {0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0}
+    from crossmodal.rerank_train import FUSION_WEIGHTS
+
+    assert metrics["val"]["fusion_weight"] in FUSION_WEIGHTS
     doc = json.loads((tiny_with_reranker / "reranker" / "reranker_config.json").read_text())
     assert doc["config"]["fusion_weight"] == metrics["val"]["fusion_weight"]
     assert doc["encoder"]["name"] == "xmodal-tiny"

@@ -55,12 +55,17 @@ def test_image_finds_its_captions_and_itself(demo_bundle, engine: SearchEngine) 
 
 
 def test_k_min_score_and_no_padding(engine: SearchEngine) -> None:
-    res = engine.text_to_images("a small red circle on a white background", k=1000)
-    assert len(res) == 60  # fewer than k exist: no -1 padding reaches us
-    assert all(r.id > 0 for r in res)
-    assert [r.score for r in res] == sorted((r.score for r in res), reverse=True)
-    floor = res[10].score
-    assert all(r.score >= floor for r in engine.text_to_images("a small red circle", 50, floor))
+    for rerank in (False, True):
+        res = engine.text_to_images("a small red circle on a white background", 1000, None, rerank)
+        assert len(res) == 60  # fewer than k exist: no -1 padding reaches us
+        assert all(r.id > 0 for r in res)
+        assert [r.score for r in res] == sorted((r.score for r in res), reverse=True)
+    dual = engine.text_to_images("a small red circle", k=60, rerank=False)
+    floor = dual[10].score  # min_score bounds the dual cosine, reranked or not
+    for rerank in (False, True):
+        res = engine.text_to_images("a small red circle", 50, floor, rerank)
+        assert len(res) == 11
+        assert all((r.cosine if rerank else r.score) >= floor for r in res)
     with pytest.raises(QueryError):
         engine.text_to_images("x", k=0)
     with pytest.raises(QueryError):
@@ -77,10 +82,14 @@ def test_stale_rows_never_come_back(demo_bundle, default_encoder: Encoder) -> No
         again = eng.text_to_images("a large blue square", k=3)
         assert top[0].id not in {r.id for r in again} and len(again) == 3
     finally:
-        run_index(  # put it back for the other tests
+        run_index(  # put it back (and its caption links) for the other tests
             default_encoder,
             IndexOptions(
-                bundle=bundle, roots=[Path(top[0].path).parent], workers=0, progress=False
+                bundle=bundle,
+                roots=[Path(top[0].path).parent],
+                captions=[bundle.parent / "test.jsonl"],
+                workers=0,
+                progress=False,
             ),
         )
 

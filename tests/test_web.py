@@ -283,3 +283,22 @@ def test_nothing_outside_the_indexed_folders_is_served(hostile) -> None:
             .values(relpath=b"../../../../etc/hostname")
         )
     assert client.get(f"/api/images/{by_name['plain.png']}/file").status_code == 404
+
+
+def test_a_new_generation_is_served_without_restart(tiny_checkpoint: Path, tmp_path: Path):
+    enc = Encoder.load("xmodal-tiny", str(tiny_checkpoint))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        scene(i, 32).save(photos / f"{i}.png")
+    opts = IndexOptions(bundle=tmp_path / "b", roots=[photos], workers=0, progress=False)
+    run_index(enc, opts)
+    app = create_app({"ENGINE": SearchEngine(tmp_path / "b", enc), "TESTING": True})
+    client = app.test_client()
+    assert len(client.get("/api/search?q=x&k=10").get_json()["results"]) == 2
+    for i in range(2, 5):
+        scene(i, 32).save(photos / f"{i}.png")
+    run_index(enc, opts)  # a re-index while serving
+    app.extensions["xmodal"].maybe_refresh(every_s=0)
+    assert len(client.get("/api/search?q=x&k=10").get_json()["results"]) == 5
+    assert client.get("/api/health").get_json()["generation"] == 2

@@ -59,6 +59,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         engine, Path(thumbs) if thumbs else None, app.config["TEXT_CACHE_SIZE"]
     )
     security.init_app(app)
+    # A re-index while serving publishes a new generation: pick it up without a restart.
+    app.before_request(lambda: app.extensions["xmodal"].maybe_refresh())
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp, url_prefix="/api")
     return app

@@ -13,6 +13,7 @@ import io
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,28 @@ class SearchService:
         self, engine: SearchEngine, thumbnail_dir: Path | None = None, cache_size: int = 2048
     ) -> None:
         self.engine = engine
-        self.bundle = engine.bundle
         self.text_cache = EmbeddingCache(cache_size)
-        self.thumbnail_dir = Path(thumbnail_dir or self.bundle.path / "thumbnails")
-        self._roots = [os.path.realpath(r) for r in self.bundle.roots()]
+        self.thumbnail_dir = Path(thumbnail_dir or engine.bundle.path / "thumbnails")
+        self._roots = [os.path.realpath(r) for r in engine.bundle.roots()]
+        self._checked = time.monotonic()
+        self._refresh_lock = threading.Lock()
+
+    @property
+    def bundle(self):  # type: ignore[no-untyped-def]
+        """The bundle generation being served."""
+        return self.engine.bundle
+
+    def maybe_refresh(self, every_s: float = 2.0) -> None:
+        """At most every few seconds, pick up a generation published since start-up."""
+        now = time.monotonic()
+        if now - self._checked < every_s or not self._refresh_lock.acquire(blocking=False):
+            return
+        try:
+            self._checked = now
+            if self.engine.refresh():
+                self._roots = [os.path.realpath(r) for r in self.engine.bundle.roots()]
+        finally:
+            self._refresh_lock.release()
 
     # ------------------------------------------------------------------ search
 
