@@ -50,8 +50,14 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+# Benchmarks (tens of minutes; each prints its figures as JSON). Needs the demo corpus.
+bench: $(STAMP) $(DEMO)/test.jsonl
 	$(BIN)/python bench/encoder_throughput.py
+	$(BIN)/python bench/index_throughput.py
+	$(BIN)/python bench/search_latency.py
+	$(BIN)/xmodal index $(DEMO)/images/test --captions $(DEMO)/test.jsonl --bundle $(BUNDLE)
+	$(BIN)/python bench/serve_load.py --bundle $(BUNDLE)
+	$(BIN)/python bench/rerank_latency.py --bundle $(BUNDLE)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -9,6 +9,7 @@ Animated images give their first frame.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -29,7 +30,9 @@ class ImageDecodeError(ValueError):
     """The bytes are not an allowed, sound image; the message says why."""
 
 
+@functools.cache
 def _heif_formats() -> tuple[str, ...]:
+    # Once per process: registering pillow-heif's opener is not free.
     try:
         import pillow_heif  # type: ignore[import-not-found]
 

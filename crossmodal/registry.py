@@ -14,6 +14,7 @@ import copy
 import hashlib
 import importlib
 import json
+import os
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -48,18 +49,26 @@ PACKAGED_TEXT_TOWERS: dict[str, PackagedTextTower] = {
 }
 
 _lock = threading.Lock()
-_verified: dict[tuple[str, int, float], str] = {}
+_hashes: dict[tuple[str, int, int], str] = {}
 _registered: dict[str, str] = {}  # name -> json text registered with open_clip
 _tmpdir: tempfile.TemporaryDirectory | None = None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes (remembered per path, size and mtime)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    with _lock:
+        known = _hashes.get(key)
+    if known is not None:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    with _lock:
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]
 
 
 def packaged_tower_path(tower: PackagedTextTower) -> Path:
@@ -79,14 +88,7 @@ def packaged_tower_path(tower: PackagedTextTower) -> Path:
     weights = folder / tower.weights_file
     if not weights.is_file():
         raise ModelError(f"text tower weights missing: {weights} (reinstall {tower.package})")
-    stat = weights.stat()
-    key = (str(weights), stat.st_size, stat.st_mtime)
-    with _lock:
-        digest = _verified.get(key)
-    if digest is None:
-        digest = sha256_file(weights)
-        with _lock:
-            _verified[key] = digest
+    digest = sha256_file(weights)
     if digest != tower.sha256:
         raise IntegrityError(
             f"refusing text tower weights {weights}: sha256 {digest} differs from the pinned "

@@ -39,7 +39,7 @@ from .pairs import PairSet, read_pairs
 from .rerank_eval import Features, compositional_accuracy, reranked_recall
 from .reranker import CrossModalReranker, RerankerConfig, itm_loss, pad_tokens
 
-FUSION_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+FUSION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0)
 
 
 @dataclass
@@ -53,9 +53,9 @@ class RerankTrainConfig:
     pretrained: str | None = None
     images: int | None = 12_000  # training images used (features are held in memory)
     captions_per_image: int = 2
-    epochs: int = 6
+    epochs: int = 12
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
     width: int = 256
     layers: int = 2
@@ -214,6 +214,7 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
         width=cfg.width,
         layers=cfg.layers,
         heads=cfg.heads,
+        image_positions=feats.image_tokens.shape[1],
     )
     model = CrossModalReranker(rcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -248,9 +249,13 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
             caps = np.array([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs])
             neg_img = _draw(t_nn, t_w, caps, rng)  # a hard image for each caption
             neg_cap = _draw(i_nn, i_w, imgs, rng)  # a hard caption for each image
-            t_idx = [caps, caps, neg_cap]
-            i_idx = [imgs, neg_img, imgs]
-            labels = [np.ones(len(imgs)), np.zeros(len(imgs)), np.zeros(len(imgs))]
+            # Plus an easy one: with hard negatives only the loss sits at chance for
+            # hundreds of steps; random ones teach colours and shapes first.
+            rand_img = rng.integers(0, n, len(imgs))
+            rand_img = np.where(rand_img == imgs, (rand_img + 1) % n, rand_img)
+            t_idx = [caps, caps, neg_cap, caps]
+            i_idx = [imgs, neg_img, imgs, rand_img]
+            labels = [np.ones(len(imgs))] + [np.zeros(len(imgs))] * 3
             comp = [comp_of[int(i)] for i in imgs if int(i) in comp_of]
             tokens = [feats.text_tokens[np.concatenate(t_idx)]]
             masks = [feats.text_mask[np.concatenate(t_idx)]]

@@ -37,6 +37,7 @@ class RerankerConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     text_self_attention: bool = True
+    image_positions: int = 0  # >0: learned position embeddings for that many image tokens
     fusion_weight: float = 1.0  # w in: score = match logit + w * cosine (tuned on val)
 
 
@@ -76,14 +77,28 @@ class CrossModalReranker(nn.Module):
     def __init__(self, cfg: RerankerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.text_in = nn.Linear(cfg.text_width, cfg.width)
-        self.image_in = nn.Linear(cfg.image_width, cfg.width)
+        # Encoder features come with their own scales: normalise before projecting.
+        self.text_in = nn.Sequential(
+            nn.LayerNorm(cfg.text_width), nn.Linear(cfg.text_width, cfg.width)
+        )
+        self.image_in = nn.Sequential(
+            nn.LayerNorm(cfg.image_width), nn.Linear(cfg.image_width, cfg.width)
+        )
         self.ln_image = nn.LayerNorm(cfg.width)
+        # Patch tokens come in grid order: a learned embedding per position makes
+        # "left of" and "above" explicit instead of relying on what survived the ViT.
+        self.image_pos = (
+            nn.Parameter(torch.zeros(1, cfg.image_positions, cfg.width))
+            if cfg.image_positions
+            else None
+        )
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_out = nn.LayerNorm(cfg.width)
         self.itm = nn.Linear(cfg.width, 1)
         nn.init.normal_(self.cls, std=0.02)
+        if self.image_pos is not None:
+            nn.init.normal_(self.image_pos, std=0.02)
 
     def forward(
         self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor
@@ -95,7 +110,10 @@ class CrossModalReranker(nn.Module):
         pad = torch.cat(
             [torch.zeros(b, 1, dtype=torch.bool, device=text.device), ~text_mask.bool()], dim=1
         )  # [B, 1+L]
-        img = self.ln_image(self.image_in(image))  # [B, P, W]
+        img = self.image_in(image)  # [B, P, W]
+        if self.image_pos is not None and img.shape[1] == self.image_pos.shape[1]:
+            img = img + self.image_pos
+        img = self.ln_image(img)
         for block in self.blocks:
             x = block(x, pad, img)
         return self.itm(self.ln_out(x[:, 0])).squeeze(-1)  # [B]
