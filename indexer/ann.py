@@ -29,6 +29,12 @@ def choose_factory(n: int) -> str:
     return f"IVF{nlist},Flat"
 
 
+def training_size(factory: str, n: int) -> int:
+    """How many vectors to train an index on: 50 per IVF list (FAISS wants 39+)."""
+    nlist = next((int(p[3:]) for p in factory.split(",") if p.startswith("IVF")), 0)
+    return min(n, max(50 * nlist, 10_000)) if nlist else min(n, 100_000)
+
+
 def _is_ivf(index: faiss.Index) -> bool:
     try:
         faiss.extract_index_ivf(index)
@@ -108,14 +114,17 @@ def tune_nprobe(
 ) -> int | None:
     """Smallest power-of-two nprobe reaching ``target`` recall@10; None for non-IVF indexes.
 
-    Queries are 200 stored vectors with noise, so each has true neighbours nearby but is
-    not itself in the index; exact search over the same vectors is the reference.
+    Queries are 200 stored vectors moved by noise of norm ~0.2, so each has true
+    neighbours nearby but is not itself in the index; exact search over the same
+    vectors is the reference.
     """
     if not _is_ivf(index) or index.ntotal == 0:
         return None
     rng = np.random.default_rng(0)
     pick = rng.choice(len(vectors), size=min(200, len(vectors)), replace=False)
-    queries = vectors[pick] + rng.normal(scale=0.05, size=(len(pick), vectors.shape[1]))
+    # Noise of norm ~0.2 whatever the dimension: near each stored vector, not in it.
+    noise = rng.normal(scale=0.2 / np.sqrt(vectors.shape[1]), size=(len(pick), vectors.shape[1]))
+    queries = vectors[pick] + noise
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     exact = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     exact.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)

@@ -6,8 +6,10 @@ overlaps inference. A worker that takes longer than the time bound on one file (
 hostile or pathological file) is killed and replaced, and that file fails with the
 reason; a worker that crashes likewise. Workers use one torch thread each.
 
-Workers are started with 'spawn': forking a process whose OpenMP pool is running
-can deadlock the child.
+Workers come from a fork server ('forkserver'): forking this process, whose OpenMP
+pool is running, could deadlock the child, and 'spawn' would re-import torch in
+every worker. A feeder thread keeps them busy while the caller encodes, so decoding
+and inference overlap instead of taking turns.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import contextlib
 import hashlib
 import multiprocessing as mp
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -146,7 +150,11 @@ class DecodePool:
         self.preprocess = preprocess
         self.draft = draft
         self.timeout_s = timeout_s
-        self.ctx = mp.get_context("spawn")
+        # forkserver: workers fork from a clean server process (no OpenMP threads to
+        # deadlock on, unlike fork) that has already imported the decoding code, so
+        # they start in milliseconds instead of re-importing torch (spawn).
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["indexer.decode", "torch", "torchvision.transforms"])
         self.workers: list[_Worker] = []
         self.killed = 0
 
@@ -164,15 +172,45 @@ class DecodePool:
         self.killed += 1
         self.workers[self.workers.index(w)] = _Worker(self.ctx, self.preprocess, self.draft)
 
-    def run(self, jobs: Iterable[Job]) -> Iterator[Decoded]:
-        """Results for every job, in completion order (each exactly once)."""
+    def run(self, jobs: Iterable[Job], prefetch: int = 256) -> Iterator[Decoded]:
+        """Results for every job, in completion order (each exactly once).
+
+        A feeder thread keeps the workers busy and queues up to ``prefetch`` results,
+        so decoding goes on while the caller runs the model on the previous batch.
+        """
         if self.n == 0:
             for job in jobs:
                 yield process_file(job, self.preprocess, self.draft)
             return
+        results: queue.Queue = queue.Queue(maxsize=prefetch)
+        done = object()
+        stop = threading.Event()
+
+        def feed() -> None:
+            try:
+                for result in self._dispatch(jobs, stop):
+                    results.put(result)
+            except BaseException as exc:  # surfaced in the caller's thread
+                results.put(exc)
+            results.put(done)
+
+        feeder = threading.Thread(target=feed, name="xmodal-decode-feeder", daemon=True)
+        feeder.start()
+        try:
+            while (item := results.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while feeder.is_alive():  # unblock a feeder waiting on a full queue
+                with contextlib.suppress(queue.Empty):
+                    results.get(timeout=0.1)
+
+    def _dispatch(self, jobs: Iterable[Job], stop: threading.Event) -> Iterator[Decoded]:
         pending = iter(jobs)
         exhausted = False
-        while True:
+        while not stop.is_set():
             for w in self.workers:
                 if w.job is None and not exhausted:
                     job = next(pending, None)
@@ -185,7 +223,7 @@ class DecodePool:
                 return
             now = time.monotonic()
             deadline = min(w.started for w in busy) + self.timeout_s
-            ready = wait([w.conn for w in busy], timeout=max(0.0, deadline - now))
+            ready = wait([w.conn for w in busy], timeout=max(0.0, min(deadline - now, 1.0)))
             for w in busy:
                 if w.conn in ready:
                     job = w.job

@@ -74,7 +74,10 @@ def sync_index(
     if info.file and info.factory == factory:
         index = read_index(bundle / info.file)
     else:
-        train = stored_vectors(engine, model, want[:100_000], dim) if len(want) else None
+        sample = want[
+            np.random.default_rng(0).permutation(len(want))[: ann.training_size(factory, len(want))]
+        ]
+        train = stored_vectors(engine, model, np.sort(sample), dim) if len(want) else None
         try:
             index = ann.build(factory, dim, train)
         except (ValueError, RuntimeError) as exc:

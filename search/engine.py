@@ -179,7 +179,7 @@ class SearchEngine:
         pairs = [
             (int(i), float(s))
             for s, i in zip(scores[0], ids[0], strict=True)
-            if i >= 0 and int(i) not in exclude and (min_score is None or s >= min_score)
+            if i >= 0 and int(i) not in exclude and (min_score is None or float(s) >= min_score)
         ]
         if kind == "images":
             facts = self.bundle.images([i for i, _ in pairs])
