@@ -1,7 +1,7 @@
 """Search latency and recall at 100k and 1M vectors: the chosen ANN index vs exact search.
 
-Synthetic collections that resemble real embeddings: each vector is a demo test image's
-embedding (default model) plus noise, so neighbours exist; queries are real caption
+Synthetic collections that resemble real embeddings: each vector is a random convex
+mix of three demo test image embeddings (default model) plus noise; queries are real caption
 embeddings, as users' text queries are. Reports single-query latency p50/p99 for the
 index `xmodal index` would choose (with its tuned nprobe) and for exact flat search in
 the same run, recall@10 against exact, build time and index memory per vector.
