@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .metrics import image_to_text_ranks, recall_at, text_to_image_ranks
 from .reranker import CrossModalReranker
@@ -44,11 +45,13 @@ def pair_logits(
     text_idx: np.ndarray,
     image_idx: np.ndarray,
     chunk: int = 512,
+    desc: str = "reranking pairs",
 ) -> np.ndarray:
-    """Match scores of (caption, image) index pairs, in chunks."""
+    """Match scores of (caption, image) index pairs, in chunks (with a progress bar)."""
     out = np.empty(len(text_idx), np.float32)
     reads_text = not getattr(model, "needs_text_features", True)
-    for s in range(0, len(text_idx), chunk):
+    starts = range(0, len(text_idx), chunk)
+    for s in tqdm(starts, desc=desc, unit="chunk", disable=len(starts) < 8, leave=False):
         t = torch.as_tensor(text_idx[s : s + chunk])
         i = torch.as_tensor(image_idx[s : s + chunk])
         if reads_text:  # CoCa: log p(caption | image tokens)
@@ -88,8 +91,12 @@ def reranked_recall(
     k_img, k_txt = min(k, n), min(k, m)
     t_cand = np.argsort(-sims, axis=1)[:, :k_img]  # [M, k] image candidates per caption
     i_cand = np.argsort(-sims.T, axis=1)[:, :k_txt]  # [N, k] caption candidates per image
-    t_logits = pair_logits(model, feats, np.repeat(np.arange(m), k_img), t_cand.ravel())
-    i_logits = pair_logits(model, feats, i_cand.ravel(), np.repeat(np.arange(n), k_txt))
+    t_logits = pair_logits(
+        model, feats, np.repeat(np.arange(m), k_img), t_cand.ravel(), desc="rerank text->image"
+    )
+    i_logits = pair_logits(
+        model, feats, i_cand.ravel(), np.repeat(np.arange(n), k_txt), desc="rerank image->text"
+    )
     t_logits, i_logits = t_logits.reshape(m, k_img), i_logits.reshape(n, k_txt)
     out = {}
     for w in weights:

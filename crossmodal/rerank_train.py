@@ -39,7 +39,7 @@ from .pairs import PairSet, read_pairs
 from .rerank_eval import Features, compositional_accuracy, reranked_recall
 from .reranker import CrossModalReranker, RerankerConfig, itm_loss, pad_tokens
 
-FUSION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0)
+FUSION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0)
 
 
 @dataclass
@@ -53,11 +53,11 @@ class RerankTrainConfig:
     pretrained: str | None = None
     images: int | None = 12_000  # training images used (features are held in memory)
     captions_per_image: int = 2
-    epochs: int = 12
+    epochs: int = 22
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
-    width: int = 256
+    width: int = 192
     layers: int = 2
     heads: int = 4
     rerank_k: int = 32  # candidates re-scored when tuning w on val

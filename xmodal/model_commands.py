@@ -89,11 +89,11 @@ def train(**kwargs: Any) -> None:
     help="Training images used (their token features are held in memory).",
 )
 @click.option("--captions-per-image", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=22, show_default=True)
 @click.option("--batch-size", type=click.IntRange(2), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--layers", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--width", type=click.IntRange(16), default=256, show_default=True)
+@click.option("--width", type=click.IntRange(16), default=192, show_default=True)
 @click.option("--rerank-k", type=click.IntRange(1, 200), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
