@@ -17,7 +17,8 @@ import faiss
 import numpy as np
 
 EXACT_LIMIT = 50_000
-TARGET_RECALL = 0.97  # tuning target on held-out stored vectors; the bar is 0.95
+TARGET_RECALL = 0.97  # tuning target (leave-one-out on stored vectors); the bar is 0.95
+TUNE_QUERIES = 200  # stored vectors asked for their neighbours when tuning nprobe
 METRIC = faiss.METRIC_INNER_PRODUCT  # unit vectors: inner product = cosine
 
 
@@ -114,7 +115,7 @@ def tune_nprobe(
 ) -> int | None:
     """Smallest power-of-two nprobe reaching ``target`` recall@10; None for non-IVF indexes.
 
-    Queries are up to 200 of the given stored vectors (``ids`` are their ids), each
+    Queries are up to TUNE_QUERIES of the given stored vectors (``ids`` are their ids), each
     asking for its 10 nearest other vectors ("more like this"), so queries lie on the
     collection's own manifold. The reference is the same index probing every list,
     which for IVF-Flat is exact search over everything indexed.
@@ -122,7 +123,7 @@ def tune_nprobe(
     if not _is_ivf(index) or index.ntotal == 0:
         return None
     rng = np.random.default_rng(0)
-    pick = rng.choice(len(vectors), size=min(200, len(vectors)), replace=False)
+    pick = rng.choice(len(vectors), size=min(TUNE_QUERIES, len(vectors)), replace=False)
     queries = np.ascontiguousarray(vectors[pick], np.float32)
     own = np.asarray(ids)[pick]
     k = min(10, index.ntotal - 1)

@@ -90,7 +90,8 @@ def sync_index(
         ann.add(index, ids, stored_vectors(engine, model, ids, dim))
     params: dict[str, Any] = {}
     if index.ntotal and factory.startswith("IVF"):
-        sample = want[np.random.default_rng(0).permutation(len(want))[:20_000]]
+        # tune_nprobe's queries: the index itself is the reference, so only they are read.
+        sample = np.sort(want[np.random.default_rng(0).permutation(len(want))[: ann.TUNE_QUERIES]])
         params["nprobe"] = ann.tune_nprobe(
             index, stored_vectors(engine, model, sample, dim), sample
         )
