@@ -61,6 +61,20 @@ def embed_pairs(
     return np.concatenate(chunks), kept, failures
 
 
+def _report_head(
+    encoder: Encoder, pairs_path: str | Path, pairs: PairSet, failed: int
+) -> dict[str, Any]:
+    """The keys every ``xmodal eval --json`` object starts with."""
+    return {
+        "model": encoder.identity.name,
+        "pretrained": encoder.identity.pretrained,
+        "pairs": str(pairs_path),
+        "images": len(pairs.images),
+        "captions": len(pairs.captions),
+        "failed_images": failed,
+    }
+
+
 def evaluate_pairs(
     encoder: Encoder,
     pairs_path: str | Path,
@@ -76,12 +90,7 @@ def evaluate_pairs(
     text_emb = encoder.encode_texts(pairs.captions)
     recall = retrieval_recall(image_emb, text_emb, pairs.caption_image)
     return {
-        "model": encoder.identity.name,
-        "pretrained": encoder.identity.pretrained,
-        "pairs": str(pairs_path),
-        "images": len(pairs.images),
-        "captions": len(pairs.captions),
-        "failed_images": len(failures),
+        **_report_head(encoder, pairs_path, pairs, len(failures)),
         "failures": failures[:20],
         **recall,
         "seconds": round(time.time() - started, 2),
@@ -93,7 +102,6 @@ def evaluate_reranked(
 ) -> dict[str, Any]:
     """Recall after reranking the dual top-k (top level), dual-only recall ("dual"), and
     compositional 2-way accuracy, as ``xmodal eval --rerank --json`` prints them."""
-    from crossmodal.metrics import retrieval_recall
     from crossmodal.rerank_eval import compositional_accuracy, fusion_weight, reranked_recall
     from crossmodal.rerank_train import compositional_set, features_for
 
@@ -115,12 +123,7 @@ def evaluate_reranked(
         else {"pairs": 0, "dual": None, "reranked": None}
     )
     return {
-        "model": encoder.identity.name,
-        "pretrained": encoder.identity.pretrained,
-        "pairs": str(pairs_path),
-        "images": len(pairs.images),
-        "captions": len(pairs.captions),
-        "failed_images": n_images - len(pairs.images),
+        **_report_head(encoder, pairs_path, pairs, n_images - len(pairs.images)),
         **reranked,
         "dual": retrieval_recall(feats.image_emb, feats.text_emb, feats.caption_image),
         "compositional": comp,
