@@ -152,28 +152,30 @@ class RunRow(Base):
     report: Mapped[str] = mapped_column(Text, default="{}")  # JSON: counts, problems
 
 
-class ImageTokens(Base):
+class TokenData:
+    """Columns of a cached [length, width] float16 token matrix (see indexer/tokens.py)."""
+
+    length: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ImageTokens(TokenData, Base):
     """Cached patch tokens of an indexed image, for the reranker (float16)."""
 
     __tablename__ = "image_tokens"
     image_id: Mapped[int] = mapped_column(
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
     )
-    length: Mapped[int] = mapped_column(Integer)
-    width: Mapped[int] = mapped_column(Integer)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-class CaptionTokens(Base):
+class CaptionTokens(TokenData, Base):
     """Cached token features of a caption (real tokens only), for the reranker."""
 
     __tablename__ = "caption_tokens"
     caption_id: Mapped[int] = mapped_column(
         ForeignKey("captions.id", ondelete="CASCADE"), primary_key=True
     )
-    length: Mapped[int] = mapped_column(Integer)
-    width: Mapped[int] = mapped_column(Integer)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 # --------------------------------------------------------------------------- migrations
