@@ -61,13 +61,31 @@ class Block(nn.Module):
             nn.Linear(w, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, w)
         )
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, W] text (+CLS); pad: [B, T] True on padding; img: [B, P, W]
+    def image_kv(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of images: img [U, P, W] -> k, v [U, H, P, W/H].
+
+        They depend on the image only, so a batch computes them once per distinct
+        image (an image query's k captions share one image).
+        """
+        u, p, w = img.shape
+        a = self.cross_attn
+        kv = F.linear(img, a.in_proj_weight[w:], a.in_proj_bias[w:])  # [U, P, 2W]
+        k, v = kv.view(u, p, 2, a.num_heads, w // a.num_heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(
+        self, x: torch.Tensor, pad: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        # x: [B, T, W] text (+CLS); pad: [B, T] True on padding; k, v: [B, H, P, W/H]
         if self.self_attn is not None:
             h = self.ln_self(x)
             x = x + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
-        h = self.ln_cross(x)
-        x = x + self.cross_attn(h, img, img, need_weights=False)[0]  # [B, T, W]
+        b, t, w = x.shape
+        a = self.cross_attn
+        q = F.linear(self.ln_cross(x), a.in_proj_weight[:w], a.in_proj_bias[:w])  # [B, T, W]
+        q = q.view(b, t, a.num_heads, w // a.num_heads).transpose(1, 2)  # [B, H, T, W/H]
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=a.dropout if self.training else 0.0)
+        x = x + a.out_proj(o.transpose(1, 2).reshape(b, t, w))  # [B, T, W]
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -101,21 +119,37 @@ class CrossModalReranker(nn.Module):
             nn.init.normal_(self.image_pos, std=0.02)
 
     def forward(
-        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """text [B, L, Dt], text_mask [B, L] (True = real token), image [B, P, Di] -> [B]."""
+        """Match logits [B] of pairs (text b, image ``image_index[b]``).
+
+        text [B, L, Dt], text_mask [B, L] (True = real token), image [U, P, Di]; without
+        ``image_index`` pair b takes image b (U = B). The image side is computed once
+        per image in ``image``, however many pairs share it.
+        """
         b = text.shape[0]
+        if image_index is None and image.shape[0] not in (1, b):
+            raise ValueError(f"{image.shape[0]} images for {b} texts need an image_index")
         x = self.text_in(text)  # [B, L, W]
         x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1)  # [B, 1+L, W]
         pad = torch.cat(
             [torch.zeros(b, 1, dtype=torch.bool, device=text.device), ~text_mask.bool()], dim=1
         )  # [B, 1+L]
-        img = self.image_in(image)  # [B, P, W]
+        img = self.image_in(image)  # [U, P, W]
         if self.image_pos is not None and img.shape[1] == self.image_pos.shape[1]:
             img = img + self.image_pos
         img = self.ln_image(img)
         for block in self.blocks:
-            x = block(x, pad, img)
+            k, v = block.image_kv(img)  # [U, H, P, W/H] each
+            if image_index is not None:
+                k, v = k[image_index], v[image_index]  # [B, H, P, W/H]
+            elif k.shape[0] != b:  # one image, B texts: a view, not B copies
+                k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+            x = block(x, pad, k, v)
         return self.itm(self.ln_out(x[:, 0])).squeeze(-1)  # [B]
 
     def fuse(self, logits: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:

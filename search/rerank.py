@@ -172,7 +172,8 @@ class Reranker:
             toks = self.caption_tokens(ids, texts)
             ids = [i for i in ids if i in toks]
             text_tok, mask = pad_tokens([toks[i] for i in ids])
-            logits = self._score([], text_tok, mask, image_tok[None].expand(len(ids), -1, -1))
+            # One image for every caption: the reranker computes its side once.
+            logits = self._score([], text_tok, mask, image_tok[None])
         else:
             logits = self._score(
                 [texts[i] for i in ids], None, None, image_tok[None].expand(k, -1, -1)

@@ -41,6 +41,25 @@ def test_padding_tokens_cannot_change_the_score() -> None:
     assert model.fuse(out, torch.ones(2)).sub(out).allclose(torch.full((2,), 1.0))
 
 
+def test_image_side_is_shared_between_pairs() -> None:
+    """One image for many captions, or an index into distinct images, scores as copies do."""
+    torch.manual_seed(0)
+    model = CrossModalReranker(
+        RerankerConfig(text_width=12, image_width=10, width=16, heads=2, image_positions=9)
+    )
+    model.eval()
+    text = torch.randn(4, 5, 12)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    images = torch.randn(2, 9, 10)
+    index = torch.tensor([1, 0, 0, 1])
+    torch.testing.assert_close(model(text, mask, images, index), model(text, mask, images[index]))
+    torch.testing.assert_close(
+        model(text, mask, images[:1]), model(text, mask, images[:1].expand(4, -1, -1))
+    )
+    with pytest.raises(ValueError, match="image_index"):
+        model(text, mask, images)
+
+
 def test_pad_tokens() -> None:
     padded, mask = pad_tokens([torch.ones(2, 3), torch.ones(4, 3)])
     assert padded.shape == (2, 4, 3) and mask.sum(1).tolist() == [2, 4]
