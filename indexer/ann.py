@@ -102,6 +102,28 @@ def add(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> None:
         )
 
 
+def holds_own_vectors(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Ids among ``ids`` whose ``vectors`` the index does not hold (exhaustive search).
+
+    Only for indexes that store vectors exactly (``...Flat``): each vector must find
+    its own id among its nearest neighbours at inner product ~1 (copies of one file
+    share a vector, hence a few neighbours rather than one).
+    """
+    ivf = faiss.extract_index_ivf(index) if _is_ivf(index) else None
+    saved = ivf.nprobe if ivf is not None else None
+    if ivf is not None:
+        ivf.nprobe = ivf.nlist
+    try:
+        scores, found = index.search(
+            np.ascontiguousarray(vectors, np.float32), min(8, index.ntotal)
+        )
+    finally:
+        if ivf is not None:
+            ivf.nprobe = saved
+    ok = ((found == ids[:, None]) & (scores > 0.999)).any(axis=1)
+    return ids[~ok]
+
+
 def recall_at_10(index: faiss.Index, exact: faiss.Index, queries: np.ndarray) -> float:
     """Mean overlap of the top 10 with exact search's top 10."""
     k = min(10, exact.ntotal)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Connection,
     Engine,
     ForeignKey,
@@ -36,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 INDEXED, FAILED, EXCLUDED = "indexed", "failed", "excluded"
 # A file that disappeared: its vector leaves the FAISS index at the next publication,
@@ -111,6 +112,11 @@ class ImageRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     vector: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, the embedding
+    # The file's content (so its vector) changed under the same id: the published index
+    # still holds the old vector until the next publication replaces it.
+    vector_pending: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("FALSE")
+    )
     run_id: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -189,7 +195,16 @@ def _v2_token_caches(conn: Connection) -> None:
     CaptionTokens.__table__.create(conn)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_token_caches}
+def _v3_vector_pending(conn: Connection) -> None:
+    """v3: mark vectors replaced in place; every indexed row starts marked, because
+    catalogs before v3 did not replace a modified file's vector in the published index."""
+    conn.execute(
+        text("ALTER TABLE images ADD COLUMN vector_pending BOOLEAN NOT NULL DEFAULT FALSE")
+    )
+    conn.execute(text("UPDATE images SET vector_pending = TRUE WHERE vector IS NOT NULL"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_token_caches, 3: _v3_vector_pending}
 
 
 def _get_version(conn: Connection) -> int | None:

@@ -329,6 +329,8 @@ class Indexer:
             image_id = new.id
         else:
             image_id = row.id
+            # Same id, new content: publication must replace the vector it holds.
+            values["vector_pending"] = vector is not None
             s.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values))
             # Old tokens describe the old content.
             s.execute(delete(ImageTokens).where(ImageTokens.image_id == image_id))

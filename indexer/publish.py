@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from . import ann
@@ -63,15 +63,26 @@ def _live_ids(engine: Engine, model: type) -> np.ndarray:
         return np.array(sorted(i for (i,) in s.execute(q).all()), dtype=np.int64)
 
 
+def _pending_ids(engine: Engine, model: type) -> np.ndarray:
+    """Ids whose vector was replaced in place since the index took them (images only)."""
+    if model is not ImageRow:
+        return np.zeros(0, np.int64)
+    with Session(engine) as s:
+        q = select(ImageRow.id).where(ImageRow.vector_pending)
+        return np.array(sorted(i for (i,) in s.execute(q).all()), dtype=np.int64)
+
+
 def sync_index(
     engine: Engine, bundle: Path, info: IndexInfo, model: type, dim: int, factory: str | None
-) -> tuple[Any, str, dict[str, Any]]:
-    """(index holding exactly the catalog's live vectors, its factory, search params)."""
+) -> tuple[Any, str, dict[str, Any], bool]:
+    """(index holding exactly the catalog's live vectors, its factory, search params,
+    whether it differs from the published one)."""
     want = _live_ids(engine, model)
     # Keep the index while its type still fits; otherwise build anew (e.g. the
     # collection outgrew exact search, or an IVF's nlist no longer fits its size).
     factory = factory or ann.choose_factory(len(want))
-    if info.file and info.factory == factory:
+    changed = not (info.file and info.factory == factory)
+    if not changed:
         index = read_index(bundle / info.file)
     else:
         sample = want[
@@ -83,8 +94,10 @@ def sync_index(
         except (ValueError, RuntimeError) as exc:
             raise PublishError(f"cannot build a {factory!r} index: {exc}") from exc
     have = ann.index_ids(index)
-    ann.remove(index, np.setdiff1d(have, want))
-    missing = np.setdiff1d(want, have)
+    # Gone from the catalog, or modified in place (same id, new vector): out, then in.
+    out = np.union1d(np.setdiff1d(have, want), np.intersect1d(have, _pending_ids(engine, model)))
+    ann.remove(index, out)
+    missing = np.setdiff1d(want, np.setdiff1d(have, out))
     for i in range(0, len(missing), 20_000):
         ids = missing[i : i + 20_000]
         ann.add(index, ids, stored_vectors(engine, model, ids, dim))
@@ -95,7 +108,25 @@ def sync_index(
         params["nprobe"] = ann.tune_nprobe(
             index, stored_vectors(engine, model, sample, dim), sample
         )
-    return index, factory, params
+    changed = changed or bool(len(out) or len(missing)) or params != info.params
+    return index, factory, params, changed
+
+
+def _summary(engine: Engine) -> tuple[dict[str, int], list[str]]:
+    """(counts, roots) the manifest records."""
+    with Session(engine) as s:
+        status = dict(
+            s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all()
+        )
+        counts = {
+            "images_indexed": status.get(INDEXED, 0),
+            "images_failed": status.get(FAILED, 0),
+            "images_excluded": status.get(EXCLUDED, 0),
+            "captions": s.execute(select(func.count()).select_from(CaptionRow)).scalar() or 0,
+            "caption_links": s.execute(select(func.count()).select_from(CaptionLink)).scalar() or 0,
+        }
+        roots = [p.decode("utf-8", "replace") for (p,) in s.execute(select(Root.path))]
+    return counts, roots
 
 
 def publish(
@@ -106,32 +137,38 @@ def publish(
     run_id: int,
     factory: str | None = None,
 ) -> int:
-    """Write the next generation (indexes, then manifest); returns its number."""
-    generation = manifest.generation + 1
-    for kind, model in (("images", ImageRow), ("captions", CaptionRow)):
-        info = manifest.indexes.get(kind, IndexInfo())
-        index, used, params = sync_index(engine, bundle, info, model, dim, factory)
-        name = index_file_name(kind, generation)
-        write_index(index, bundle / name)
-        manifest.indexes[kind] = IndexInfo(
-            file=name, factory=used, count=int(index.ntotal), params=params
+    """Write the next generation (indexes, then manifest); returns its number.
+
+    A run that changed nothing (same vectors, counts and roots) writes no index and
+    keeps the current generation, so serving processes do not reload for nothing.
+    """
+    synced = {
+        kind: sync_index(
+            engine, bundle, manifest.indexes.get(kind, IndexInfo()), model, dim, factory
         )
-    with Session(engine) as s:
-        status = dict(
-            s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all()
-        )
-        manifest.counts = {
-            "images_indexed": status.get(INDEXED, 0),
-            "images_failed": status.get(FAILED, 0),
-            "images_excluded": status.get(EXCLUDED, 0),
-            "captions": s.execute(select(func.count()).select_from(CaptionRow)).scalar() or 0,
-            "caption_links": s.execute(select(func.count()).select_from(CaptionLink)).scalar() or 0,
-        }
-        manifest.roots = [p.decode("utf-8", "replace") for (p,) in s.execute(select(Root.path))]
-    manifest.generation = generation
-    manifest.published_run = run_id
-    write_manifest(bundle, manifest)
-    remove_stale_index_files(bundle, manifest)
+        for kind, model in (("images", ImageRow), ("captions", CaptionRow))
+    }
+    counts, roots = _summary(engine)
+    changed = any(c for *_, c in synced.values())
+    if changed or manifest.generation == 0 or (counts, roots) != (manifest.counts, manifest.roots):
+        generation = manifest.generation + 1
+        for kind, (index, used, params, _) in synced.items():
+            name = index_file_name(kind, generation)
+            write_index(index, bundle / name)
+            manifest.indexes[kind] = IndexInfo(
+                file=name, factory=used, count=int(index.ntotal), params=params
+            )
+        manifest.counts, manifest.roots = counts, roots
+        manifest.generation = generation
+        manifest.published_run = run_id
+        write_manifest(bundle, manifest)
+        remove_stale_index_files(bundle, manifest)
+    elif manifest.published_run != run_id:
+        # Same generation (readers keep what they have), but this run's state is the
+        # published one: verify must not take its rows for an unfinished run's.
+        manifest.published_run = run_id
+        write_manifest(bundle, manifest)
     with Session(engine) as s, s.begin():  # no published index can hold them now
         s.execute(delete(ImageRow).where(ImageRow.status == REMOVED))
-    return generation
+        s.execute(update(ImageRow).where(ImageRow.vector_pending).values(vector_pending=False))
+    return manifest.generation

@@ -2,7 +2,8 @@
 
 Checks: the manifest parses; each index file named by it exists, loads and holds the
 count it states; FAISS ids and catalog ids (indexed rows with vectors) are the same
-set, for images and captions; every stored vector has the model's dimension; the
+set, for images and captions; on a sample, the index holds the catalog's vectors
+themselves (exact indexes); every stored vector has the model's dimension; the
 catalog's counts match the manifest's; no run is left half-done; optionally the
 model the caller loaded is the one that built the bundle.
 """
@@ -31,6 +32,7 @@ from .catalog import (
     migrate,
     open_engine,
 )
+from .publish import stored_vectors
 
 
 @dataclass
@@ -44,6 +46,9 @@ class VerifyReport:
     def ok(self) -> bool:
         """True when every check passed."""
         return not self.problems
+
+
+VECTOR_SAMPLE = 256  # published rows whose vectors are looked up in the index
 
 
 def _sample(ids: np.ndarray, n: int = 5) -> str:
@@ -149,6 +154,25 @@ def verify_bundle(
                     f"{kind}: {len(missing)} indexed catalog rows are missing from "
                     f"{info.file} ({_sample(missing)})"
                 )
+            if info.factory.endswith("Flat") and len(faiss_ids):
+                # Same ids are not enough: a file modified in place keeps its id.
+                marked = (
+                    [i for (i,) in s.execute(select(ImageRow.id).where(ImageRow.vector_pending))]
+                    if row is ImageRow
+                    else []
+                )
+                check = np.setdiff1d(np.intersect1d(must, faiss_ids), marked)
+                rng = np.random.default_rng(0)
+                sample = np.sort(rng.choice(check, min(VECTOR_SAMPLE, len(check)), replace=False))
+                wrong = ann.holds_own_vectors(
+                    index, sample, stored_vectors(engine, row, sample, dim)
+                )
+                if len(wrong):
+                    report.problems.append(
+                        f"{kind}: {info.file} holds other vectors than the catalog for "
+                        f"{len(wrong)} of {len(sample)} sampled ids ({_sample(wrong)}); "
+                        "re-run `xmodal index` to republish"
+                    )
             not_yet = np.setdiff1d(pending, faiss_ids)
             if len(not_yet):
                 report.facts[f"{kind}_pending"] = len(not_yet)

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 from image_fixtures import scene
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.orm import Session
 
 from crossmodal.encoder import Encoder
+from indexer.bundle import Bundle
 from indexer.catalog import (
     SCHEMA_VERSION,
     CatalogError,
+    ImageRow,
     Meta,
     migrate,
     open_engine,
@@ -36,6 +39,34 @@ def test_new_catalog_is_stamped_and_a_newer_one_refused(tmp_path: Path) -> None:
         )
     with pytest.raises(CatalogError, match="v999 is newer"):
         migrate(engine)
+
+
+def test_v2_catalog_upgrades_and_republishes_vectors_it_may_hold_stale(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    enc = Encoder.load("xmodal-tiny", str(tiny_checkpoint))
+    photos, bundle = tmp_path / "photos", tmp_path / "bundle"
+    photos.mkdir()
+    for i in range(4):
+        scene(i, 24).save(photos / f"{i}.png")
+    opts = IndexOptions(bundle=bundle, roots=[photos], workers=0, progress=False)
+    assert run_index(enc, opts).generation == 1
+    engine = open_engine(sqlite_url(bundle / "catalog.sqlite"))
+    with engine.begin() as conn:  # make it a v2 catalog
+        conn.execute(text("ALTER TABLE images DROP COLUMN vector_pending"))
+        conn.execute(Meta.__table__.update().where(Meta.key == "schema_version").values(value="2"))
+    assert migrate(engine) == SCHEMA_VERSION == 3
+    pending = text("SELECT count(*) FROM images WHERE vector_pending")
+    with engine.connect() as conn:
+        assert conn.execute(pending).scalar() == 4
+    # v2 left a modified file's old vector in the index: the next run replaces them all.
+    again = run_index(enc, opts)
+    assert (again.counts["unchanged"], again.generation) == (4, 2)
+    with engine.connect() as conn:
+        assert conn.execute(pending).scalar() == 0
+    engine.dispose()
+    assert run_index(enc, opts).generation == 2  # and then nothing is left to publish
+    assert verify_bundle(bundle).ok
 
 
 def test_password_never_reaches_the_manifest() -> None:
@@ -90,6 +121,15 @@ def test_postgresql_catalog_end_to_end(pg_url: str, tiny_checkpoint: Path, tmp_p
     (photos / "0.png").unlink()
     again = run_index(enc, opts)
     assert (again.counts["removed"], again.counts["unchanged"]) == (1, 5)
+    scene(99, 24).save(photos / "1.png")  # new content under the same name (and id)
+    modified = run_index(enc, opts)
+    assert (modified.counts["indexed"], modified.generation) == (1, 3)
+    b = Bundle(bundle, pg_url)
+    with Session(b.engine) as s:
+        row = s.execute(select(ImageRow).where(ImageRow.display == "1.png")).scalar_one()
+    scores, ids = b.search("images", b.vectors("images", [row.id]), 1)
+    assert ids[0, 0] == row.id and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    b.close()
     assert verify_bundle(bundle, pg_url).ok
     engine = SearchEngine(bundle, enc, db_url=pg_url)
     assert len(engine.text_to_images("anything", k=10)) == 5

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from image_fixtures import exif_rotated_pair, scene, write_awkward_tree
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from crossmodal.encoder import Encoder
@@ -96,8 +96,10 @@ def test_incremental_add_modify_delete_rename(tiny: Encoder, tmp_path: Path) -> 
     assert index(tiny, bundle, photos).counts["indexed"] == 12
     first = Bundle(bundle).vectors("images", list(range(1, 13)))
 
-    again = index(tiny, bundle, photos).counts
-    assert (again["indexed"], again["unchanged"]) == (0, 12)
+    again = index(tiny, bundle, photos)
+    assert (again.counts["indexed"], again.counts["unchanged"]) == (0, 12)
+    # Nothing changed: no new generation for serving processes to reload.
+    assert again.generation == read_manifest(bundle).generation == 1
 
     paths[0].unlink()  # delete
     scene(999, 32).save(paths[1])  # modify (new content, same name)
@@ -120,8 +122,28 @@ def test_incremental_add_modify_delete_rename(tiny: Encoder, tmp_path: Path) -> 
     # A rename keeps its id, so its vector is the one computed on the first run.
     renamed = b.vectors("images", [rows["renamed.png"].id])[0]
     np.testing.assert_array_equal(renamed, first[2])
+    # The modified file keeps its id; the published index must hold its new vector.
+    modified = rows[paths[1].relative_to(photos).as_posix()].id
+    new_vec = b.vectors("images", [modified])
+    assert not np.allclose(new_vec[0], first[1])
+    scores, ids = b.search("images", new_vec, 1)
+    assert ids[0, 0] == modified and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
     assert verify_bundle(bundle).ok
-    assert read_manifest(bundle).generation == 3
+    assert read_manifest(bundle).generation == 2
+
+
+def test_verify_finds_an_index_holding_other_vectors(tiny: Encoder, tmp_path: Path) -> None:
+    photos, bundle = tmp_path / "photos", tmp_path / "bundle"
+    _tree(photos, 6)
+    index(tiny, bundle, photos)
+    assert verify_bundle(bundle).ok
+    b = Bundle(bundle)
+    other = -b.vectors("images", [1])[0]  # a unit vector no image has
+    with Session(b.engine) as s, s.begin():  # the catalog changes, the index does not
+        s.execute(update(ImageRow).where(ImageRow.id == 1).values(vector=other.tobytes()))
+    b.close()
+    report = verify_bundle(bundle)
+    assert any("holds other vectors than the catalog for 1 of 6" in p for p in report.problems)
 
 
 def test_copies_reuse_the_stored_vector(tiny: Encoder, tmp_path: Path) -> None:
