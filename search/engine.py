@@ -136,7 +136,9 @@ class SearchEngine:
         """Switch to a newer generation that `xmodal index` published since opening.
 
         Requests in flight keep the bundle object they started with; later ones get the
-        new one. Returns True when it switched.
+        new one. The old bundle's connection pool is closed at once: connections that
+        requests in flight hold stay usable and are discarded when given back, so none
+        linger until garbage collection. Returns True when it switched.
         """
         try:
             generation = read_manifest(self.bundle.path).generation
@@ -148,9 +150,10 @@ class SearchEngine:
         if not fresh.identity.matches(self.encoder.identity):
             fresh.close()
             return False
-        self.bundle = fresh
+        old, self.bundle = self.bundle, fresh
         if self.reranker is not None:
             self.reranker.bundle = fresh
+        old.close()
         return True
 
     # ------------------------------------------------------------------ queries

@@ -299,6 +299,12 @@ def test_a_new_generation_is_served_without_restart(tiny_checkpoint: Path, tmp_p
     for i in range(2, 5):
         scene(i, 32).save(photos / f"{i}.png")
     run_index(enc, opts)  # a re-index while serving
+    old = app.config["ENGINE"].bundle
+    assert old.engine.pool.checkedin() >= 1  # the first search's pooled connection
     app.extensions["xmodal"].maybe_refresh(every_s=0)
     assert len(client.get("/api/search?q=x&k=10").get_json()["results"]) == 5
+    assert client.get("/api/health").get_json()["generation"] == 2
+    assert old.engine.pool.checkedin() == 0  # the old generation's pool was closed
+    run_index(enc, opts)  # nothing changed: nothing to reload
+    app.extensions["xmodal"].maybe_refresh(every_s=0)
     assert client.get("/api/health").get_json()["generation"] == 2
