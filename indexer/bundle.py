@@ -41,6 +41,7 @@ from .catalog import (
     CaptionLink,
     CaptionRow,
     CaptionTokens,
+    CatalogError,
     ImageRow,
     ImageTokens,
     Root,
@@ -48,6 +49,7 @@ from .catalog import (
     open_engine,
     public_url,
     sqlite_url,
+    upgrade,
 )
 
 FORMAT_VERSION = 1
@@ -237,6 +239,11 @@ class Bundle:
         self.manifest = read_manifest(self.path)
         self.url = catalog_url(self.path, self.manifest.catalog_url, db_url)
         self.engine: Engine = open_engine(self.url, create=False)
+        try:
+            upgrade(self.engine)  # an older catalog is upgraded in place; a newer refused
+        except CatalogError as exc:
+            self.engine.dispose()
+            raise BundleError(f"{self.path}: {exc}") from exc
         self.indexes: dict[str, faiss.Index | None] = {}
         self._lock = threading.Lock()
         for kind in KINDS:

@@ -35,6 +35,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SCHEMA_VERSION = 3
@@ -212,6 +213,27 @@ def _get_version(conn: Connection) -> int | None:
         return None
     row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()
     return int(row[0]) if row else None
+
+
+def upgrade(engine: Engine) -> int:
+    """Bring an existing catalog to this version (readers do this on open); returns it.
+
+    Unlike ``migrate`` it never creates a schema: a database without one is an error.
+    """
+    with engine.connect() as conn:
+        version = _get_version(conn)
+    if version is None:
+        raise CatalogError(f"{public_url(str(engine.url))} holds no xmodal catalog")
+    if version == SCHEMA_VERSION:
+        return version
+    try:
+        return migrate(engine)
+    except SQLAlchemyError as exc:
+        raise CatalogError(
+            f"catalog schema v{version} needs upgrading to v{SCHEMA_VERSION}, which failed "
+            f"({exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}); "
+            "open it once with write access (`xmodal verify` or `xmodal index`)"
+        ) from exc
 
 
 def migrate(engine: Engine) -> int:
