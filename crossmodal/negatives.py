@@ -63,3 +63,8 @@ def negative(caption: str, rng: random.Random, avoid: set[str] | None = None) ->
     """
     options = [t for _, t in swaps(caption) if not avoid or t not in avoid]
     return rng.choice(options) if options else None
+
+
+def swap_kind(caption: str, twin: str) -> str | None:
+    """Which swap turns ``caption`` into ``twin`` ("color", "shape", "size", "relation")."""
+    return next((kind for kind, text in swaps(caption) if text == twin), None)

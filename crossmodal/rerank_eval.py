@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,11 +122,13 @@ def compositional_accuracy(
     image_tokens: torch.Tensor,
     pos: tuple[np.ndarray, torch.Tensor, torch.Tensor],
     neg: tuple[np.ndarray, torch.Tensor, torch.Tensor],
-) -> dict[str, float]:
+    kinds: Sequence[str | None] | None = None,
+) -> dict[str, Any]:
     """2-way accuracy: the true caption must outscore its swapped twin, image by image.
 
     ``pos`` and ``neg`` are (embeddings [N, D], tokens [N, L, Dt], mask [N, L]) of the
-    true and the swapped caption of each image.
+    true and the swapped caption of each image. With ``kinds`` (what each twin swapped)
+    the result also holds the accuracies per kind, under "by_kind".
     """
     n = len(image_emb)
     dual_pos = np.sum(image_emb * pos[0], axis=1)
@@ -138,8 +141,19 @@ def compositional_accuracy(
     w = fusion_weight(model)
     fused_pos = pair_logits(model, feats_pos, idx, idx) + w * dual_pos
     fused_neg = pair_logits(model, feats_neg, idx, idx) + w * dual_neg
-    return {
+    out: dict[str, Any] = {
         "pairs": int(n),
         "dual": float(np.mean(dual_pos > dual_neg)),
         "reranked": float(np.mean(fused_pos > fused_neg)),
     }
+    if kinds is not None:
+        by = np.array([k or "other" for k in kinds])
+        out["by_kind"] = {
+            str(k): {
+                "pairs": int(np.sum(by == k)),
+                "dual": float(np.mean((dual_pos > dual_neg)[by == k])),
+                "reranked": float(np.mean((fused_pos > fused_neg)[by == k])),
+            }
+            for k in sorted(set(by.tolist()))
+        }
+    return out

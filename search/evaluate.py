@@ -102,6 +102,7 @@ def evaluate_reranked(
 ) -> dict[str, Any]:
     """Recall after reranking the dual top-k (top level), dual-only recall ("dual"), and
     compositional 2-way accuracy, as ``xmodal eval --rerank --json`` prints them."""
+    from crossmodal.negatives import swap_kind
     from crossmodal.rerank_eval import compositional_accuracy, fusion_weight, reranked_recall
     from crossmodal.rerank_train import compositional_set, features_for
 
@@ -117,8 +118,11 @@ def evaluate_reranked(
     w = fusion_weight(scorer)
     reranked = reranked_recall(scorer, feats, rerank_k, [w])[w]
     rows, pos, neg = compositional_set(encoder, pairs, caps_of, seed)
+    kinds = [swap_kind(p, n) for p, n in zip(pos[3], neg[3], strict=True)] if len(rows) else []
     comp = (
-        compositional_accuracy(scorer, feats.image_emb[rows], feats.image_tokens[rows], pos, neg)
+        compositional_accuracy(
+            scorer, feats.image_emb[rows], feats.image_tokens[rows], pos, neg, kinds
+        )
         if len(rows)
         else {"pairs": 0, "dual": None, "reranked": None}
     )
@@ -160,6 +164,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"compositional 2-way accuracy ({comp['pairs']} images, true caption vs swapped): "
             f"dual {comp['dual']:.3f}, reranked {comp['reranked']:.3f}"
         )
+        for kind, k in comp.get("by_kind", {}).items():
+            lines.append(
+                f"  {kind + ' swapped':<18}{k['pairs']:>5} images: "
+                f"dual {k['dual']:.3f}, reranked {k['reranked']:.3f}"
+            )
     for failure in result.get("failures", []):
         lines.append(f"failed: {failure}")
     return "\n".join(lines)

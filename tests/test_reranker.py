@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from crossmodal.coca_scorer import CocaScorer
 from crossmodal.encoder import Encoder
-from crossmodal.negatives import negative, swaps
+from crossmodal.negatives import negative, swap_kind, swaps
 from crossmodal.registry import register_config
 from crossmodal.rerank_train import RerankTrainConfig, train_reranker
 from crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_tokens
@@ -64,6 +64,13 @@ def test_pad_tokens() -> None:
     padded, mask = pad_tokens([torch.ones(2, 3), torch.ones(4, 3)])
     assert padded.shape == (2, 4, 3) and mask.sum(1).tolist() == [2, 4]
     assert padded[0, 2:].abs().sum() == 0
+
+
+def test_swap_kind_names_the_swap() -> None:
+    caption = "a small red circle to the left of a large blue star on a white background"
+    for kind, twin in swaps(caption):
+        assert swap_kind(caption, twin) == kind
+    assert swap_kind(caption, caption) is None
 
 
 def test_compositional_negatives_swap_words_not_meaning() -> None:
@@ -251,8 +258,16 @@ def test_eval_rerank_json(tiny_with_reranker: Path, small_corpus: Path) -> None:
     doc = json.loads(out.stdout)
     assert set(doc["dual"]) == {"text_to_image", "image_to_text"}
     assert set(doc["text_to_image"]) == {"R@1", "R@5", "R@10"}
-    assert set(doc["compositional"]) == {"pairs", "dual", "reranked"}
-    assert doc["compositional"]["pairs"] > 0
+    comp = doc["compositional"]
+    assert set(comp) == {"pairs", "dual", "reranked", "by_kind"}
+    assert comp["pairs"] > 0
+    by_kind = comp["by_kind"]
+    assert set(by_kind) <= {"color", "shape", "size", "relation"}
+    assert sum(k["pairs"] for k in by_kind.values()) == comp["pairs"]
+    # The overall accuracy is the pair-weighted mean of the kinds'.
+    for key in ("dual", "reranked"):
+        mean = sum(k[key] * k["pairs"] for k in by_kind.values()) / comp["pairs"]
+        assert mean == pytest.approx(comp[key])
 
 
 TINY_COCA = {
