@@ -2,8 +2,10 @@
 
 The catalog holds every vector; each index is brought in line with it (ids added and
 removed in place while its type still fits the collection, else built anew), written
-under the new generation's file name, and only then named by the manifest. Rows of
-files that disappeared are purged once no published index can hold their ids.
+under the new generation's file name, and only then named by the manifest. A file
+modified in place keeps its id: its row is marked ``vector_pending`` and its vector is
+removed and added again. Rows of files that disappeared are purged once no published
+index can hold their ids. A run that changed nothing publishes no new generation.
 """
 
 from __future__ import annotations
