@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
 from crossmodal.encoder import Encoder
-from indexer.bundle import Bundle
+from indexer.bundle import Bundle, BundleError
 from indexer.catalog import (
     SCHEMA_VERSION,
     CatalogError,
@@ -73,6 +73,12 @@ def test_v2_catalog_upgrades_and_republishes_vectors_it_may_hold_stale(
     engine.dispose()
     assert run_index(enc, opts).generation == 2  # and then nothing is left to publish
     assert verify_bundle(bundle).ok
+    # A newer catalog than this xmodal knows is refused by readers with a message.
+    with engine.begin() as conn:
+        conn.execute(Meta.__table__.update().where(Meta.key == "schema_version").values(value="9"))
+    engine.dispose()
+    with pytest.raises(BundleError, match="v9 is newer than this xmodal"):
+        Bundle(bundle)
 
 
 def test_password_never_reaches_the_manifest() -> None:
