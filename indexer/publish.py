@@ -57,21 +57,24 @@ def stored_vectors(engine: Engine, model: type, ids: np.ndarray, dim: int) -> np
     return out
 
 
-def _live_ids(engine: Engine, model: type) -> np.ndarray:
+def _ids(engine: Engine, q: Any) -> np.ndarray:
+    """Sorted ids a one-column select returns."""
     with Session(engine) as s:
-        q = select(model.id).where(model.vector.is_not(None))
-        if model is ImageRow:
-            q = q.where(ImageRow.status == INDEXED)
         return np.array(sorted(i for (i,) in s.execute(q).all()), dtype=np.int64)
 
 
-def _pending_ids(engine: Engine, model: type) -> np.ndarray:
+def _live_ids(engine: Engine, model: type) -> np.ndarray:
+    q = select(model.id).where(model.vector.is_not(None))
+    if model is ImageRow:
+        q = q.where(ImageRow.status == INDEXED)
+    return _ids(engine, q)
+
+
+def pending_ids(engine: Engine, model: type) -> np.ndarray:
     """Ids whose vector was replaced in place since the index took them (images only)."""
     if model is not ImageRow:
         return np.zeros(0, np.int64)
-    with Session(engine) as s:
-        q = select(ImageRow.id).where(ImageRow.vector_pending)
-        return np.array(sorted(i for (i,) in s.execute(q).all()), dtype=np.int64)
+    return _ids(engine, select(ImageRow.id).where(ImageRow.vector_pending))
 
 
 def sync_index(
@@ -83,8 +86,8 @@ def sync_index(
     # Keep the index while its type still fits; otherwise build anew (e.g. the
     # collection outgrew exact search, or an IVF's nlist no longer fits its size).
     factory = factory or ann.choose_factory(len(want))
-    changed = not (info.file and info.factory == factory)
-    if not changed:
+    rebuilt = not (info.file and info.factory == factory)
+    if not rebuilt:
         index = read_index(bundle / info.file)
     else:
         sample = want[
@@ -97,7 +100,7 @@ def sync_index(
             raise PublishError(f"cannot build a {factory!r} index: {exc}") from exc
     have = ann.index_ids(index)
     # Gone from the catalog, or modified in place (same id, new vector): out, then in.
-    out = np.union1d(np.setdiff1d(have, want), np.intersect1d(have, _pending_ids(engine, model)))
+    out = np.union1d(np.setdiff1d(have, want), np.intersect1d(have, pending_ids(engine, model)))
     ann.remove(index, out)
     missing = np.setdiff1d(want, np.setdiff1d(have, out))
     for i in range(0, len(missing), 20_000):
@@ -110,7 +113,7 @@ def sync_index(
         params["nprobe"] = ann.tune_nprobe(
             index, stored_vectors(engine, model, sample, dim), sample
         )
-    changed = changed or bool(len(out) or len(missing)) or params != info.params
+    changed = rebuilt or bool(len(out) or len(missing)) or params != info.params
     return index, factory, params, changed
 
 
@@ -152,7 +155,7 @@ def publish(
     }
     counts, roots = _summary(engine)
     changed = any(c for *_, c in synced.values())
-    if changed or manifest.generation == 0 or (counts, roots) != (manifest.counts, manifest.roots):
+    if changed or (counts, roots) != (manifest.counts, manifest.roots):
         generation = manifest.generation + 1
         for kind, (index, used, params, _) in synced.items():
             name = index_file_name(kind, generation)

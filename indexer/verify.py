@@ -32,7 +32,7 @@ from .catalog import (
     migrate,
     open_engine,
 )
-from .publish import stored_vectors
+from .publish import pending_ids, stored_vectors
 
 
 @dataclass
@@ -156,11 +156,7 @@ def verify_bundle(
                 )
             if info.factory.endswith("Flat") and len(faiss_ids):
                 # Same ids are not enough: a file modified in place keeps its id.
-                marked = (
-                    [i for (i,) in s.execute(select(ImageRow.id).where(ImageRow.vector_pending))]
-                    if row is ImageRow
-                    else []
-                )
+                marked = pending_ids(engine, row)  # not yet replaced: may differ
                 check = np.setdiff1d(np.intersect1d(must, faiss_ids), marked)
                 rng = np.random.default_rng(0)
                 sample = np.sort(rng.choice(check, min(VECTOR_SAMPLE, len(check)), replace=False))
