@@ -141,18 +141,19 @@ def compositional_accuracy(
     w = fusion_weight(model)
     fused_pos = pair_logits(model, feats_pos, idx, idx) + w * dual_pos
     fused_neg = pair_logits(model, feats_neg, idx, idx) + w * dual_neg
+    dual_ok, fused_ok = dual_pos > dual_neg, fused_pos > fused_neg  # [N] each
     out: dict[str, Any] = {
         "pairs": int(n),
-        "dual": float(np.mean(dual_pos > dual_neg)),
-        "reranked": float(np.mean(fused_pos > fused_neg)),
+        "dual": float(np.mean(dual_ok)),
+        "reranked": float(np.mean(fused_ok)),
     }
     if kinds is not None:
         by = np.array([k or "other" for k in kinds])
         out["by_kind"] = {
             str(k): {
                 "pairs": int(np.sum(by == k)),
-                "dual": float(np.mean((dual_pos > dual_neg)[by == k])),
-                "reranked": float(np.mean((fused_pos > fused_neg)[by == k])),
+                "dual": float(np.mean(dual_ok[by == k])),
+                "reranked": float(np.mean(fused_ok[by == k])),
             }
             for k in sorted(set(by.tolist()))
         }

@@ -118,14 +118,12 @@ def evaluate_reranked(
     w = fusion_weight(scorer)
     reranked = reranked_recall(scorer, feats, rerank_k, [w])[w]
     rows, pos, neg = compositional_set(encoder, pairs, caps_of, seed)
-    kinds = [swap_kind(p, n) for p, n in zip(pos[3], neg[3], strict=True)] if len(rows) else []
-    comp = (
-        compositional_accuracy(
+    comp: dict[str, Any] = {"pairs": 0, "dual": None, "reranked": None}
+    if len(rows):
+        kinds = [swap_kind(p, n) for p, n in zip(pos[3], neg[3], strict=True)]
+        comp = compositional_accuracy(
             scorer, feats.image_emb[rows], feats.image_tokens[rows], pos, neg, kinds
         )
-        if len(rows)
-        else {"pairs": 0, "dual": None, "reranked": None}
-    )
     return {
         **_report_head(encoder, pairs_path, pairs, n_images - len(pairs.images)),
         **reranked,
