@@ -35,6 +35,7 @@ from .errors import (
 )
 from .registry import (
     DEFAULT_MODEL_DIR,
+    model_config,
     register_config,
     register_shipped,
     sha256_file,
@@ -290,7 +291,7 @@ def _load_named(name: str, pretrained: str | None) -> LoadedModel:
     import open_clip
 
     _ensure_name(name)
-    model_cfg = open_clip.get_model_config(name)
+    model_cfg = model_config(name)
     if pretrained is None:
         with _quiet():
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)

@@ -142,6 +142,18 @@ def register_config(name: str, model_cfg: dict[str, Any]) -> str:
     return name
 
 
+def model_config(name: str) -> dict[str, Any] | None:
+    """The model_cfg of a model name as it may be written to files.
+
+    Our shipped configs name packaged text towers by hub id; open_clip's registered copy
+    holds this machine's folder instead, which a model folder must not carry elsewhere.
+    """
+    import open_clip
+
+    shipped = shipped_configs().get(name)
+    return copy.deepcopy(shipped) if shipped is not None else open_clip.get_model_config(name)
+
+
 def register_shipped(name: str) -> bool:
     """Register one of our shipped configs by name; False if there is none of that name."""
     cfg = shipped_configs().get(name)

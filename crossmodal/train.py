@@ -43,7 +43,7 @@ from .loading import (
 )
 from .metrics import retrieval_recall
 from .pairs import PairSet, read_pairs
-from .registry import register_config
+from .registry import model_config, register_config
 
 FROZEN_TEXT_PREFIX = "text.transformer."
 
@@ -119,7 +119,7 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any, str, dict, dict
     elif cfg.model:
         name = cfg.model
         _ensure_name(name)
-        model_cfg, pre_cfg = open_clip.get_model_config(name), {}
+        model_cfg, pre_cfg = model_config(name), {}
     else:
         raise ModelError("say what to train: --model NAME or --config FILE")
     with _quiet():

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from crossmodal.encoder import Encoder
 from crossmodal.loading import load_model
+from crossmodal.registry import DEFAULT_MODEL_DIR
 from crossmodal.train import TrainConfig, train
 from xmodal.cli import main
 
@@ -131,3 +132,17 @@ def test_train_cli_needs_a_model(small_corpus: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code != 0
     assert "--model NAME or --config FILE" in result.output
+
+
+def test_model_folders_name_packaged_text_towers_by_hub_id() -> None:
+    """A model folder must load on any machine: no path of this one in its config.
+
+    open_clip's registered copy of a shipped config points the MiniLM tower at this
+    machine's package folder; what `xmodal train --model NAME` writes must not.
+    """
+    hub_id = "sentence-transformers/all-MiniLM-L6-v2"
+    loaded = load_model("xmodal-minilm-vit")
+    assert loaded.model_cfg["text_cfg"]["hf_model_name"] == hub_id
+    shipped = json.loads((DEFAULT_MODEL_DIR / "open_clip_config.json").read_text())
+    assert shipped["model_cfg"]["text_cfg"]["hf_model_name"] == hub_id
+    assert shipped["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == hub_id
