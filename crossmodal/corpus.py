@@ -307,16 +307,23 @@ def plan_splits(spec: CorpusSpec) -> dict[str, list[Scene]]:
     return {"train": train, "val": val, "test": test}
 
 
-def _render_png(args: tuple[int, str, int, Scene, int]) -> bytes:
-    seed, split, index, scene, image_size = args
+def render_image(spec: CorpusSpec, split: str, index: int, scene: Scene) -> Image.Image:
+    """Image ``index`` of ``split`` as the corpus draws it (its own random stream).
+
+    Drawing another scene of the same object count here gives the same layout.
+    """
+    return render(scene, _rng(spec.seed, split, index), spec.image_size)
+
+
+def _render_png(args: tuple[CorpusSpec, str, int, Scene]) -> bytes:
     buf = io.BytesIO()
-    render(scene, _rng(seed, split, index), image_size).save(buf, format="PNG", optimize=False)
+    render_image(*args).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
 
 def _jobs(spec: CorpusSpec, split: str, scenes: list[Scene]) -> Iterator[tuple]:
     for i, scene in enumerate(scenes):
-        yield spec.seed, split, i, scene, spec.image_size
+        yield spec, split, i, scene
 
 
 def write_corpus(

@@ -1,0 +1,104 @@
+"""Counterfactual twins of demo-corpus scenes: the same picture with its binding changed.
+
+For a scene with two or more objects, its twin swaps one attribute (colour, shape or
+size) between two objects, or reverses their order (the relation), and is rendered
+with the original's random stream, so layout, jitter and shades are identical and only
+the binding differs. Training the reranker on such minimal pairs (the twin's caption
+is a negative for the image and a positive for the twin picture, and the other way
+round) leaves it no shortcut: the two captions hold the same words and the two
+pictures the same colours and shapes, so only binding words to objects separates them.
+
+Only images of a generated demo corpus have twins: the corpus's ``corpus.json``
+next to the pairs file gives the seed from which each image's scene is re-planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from .corpus import CorpusSpec, Scene, captions, plan_splits, render_image
+
+_NAME = re.compile(r"^(train|val|test)_(\d+)\.png$")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoImage:
+    """Where an image of a demo corpus comes from: enough to render its twin."""
+
+    spec: CorpusSpec
+    split: str
+    index: int
+    scene: Scene
+
+
+def demo_images(pairs_file: Path, images: list[Path]) -> list[DemoImage | None]:
+    """The demo scene of each image (None where an image is not a demo corpus image).
+
+    An image counts only if its captions could be the scene's (checked by the caller
+    through ``template_of``); a pairs file without ``corpus.json`` beside it has none.
+    """
+    meta = Path(pairs_file).parent / "corpus.json"
+    if not meta.is_file():
+        return [None] * len(images)
+    doc = json.loads(meta.read_text(encoding="utf-8"))
+    if doc.get("generator") != "crossmodal.corpus":
+        return [None] * len(images)
+    spec = CorpusSpec(**doc["spec"])
+    plan = plan_splits(spec)
+    out: list[DemoImage | None] = []
+    for path in images:
+        m = _NAME.match(Path(path).name)
+        scenes = plan.get(m.group(1), []) if m else []
+        index = int(m.group(2)) if m else -1
+        ok = m is not None and Path(path).parent.name == m.group(1) and index < len(scenes)
+        out.append(DemoImage(spec, m.group(1), index, scenes[index]) if ok else None)
+    return out
+
+
+def template_of(scene: Scene, caption: str) -> int | None:
+    """Which of the scene's paraphrases ``caption`` is (None: not a caption of it)."""
+    try:
+        return captions(scene).index(caption)
+    except ValueError:
+        return None
+
+
+def twin_scene(scene: Scene, rng: random.Random) -> Scene | None:
+    """A scene that differs from ``scene`` in binding only (None for one object).
+
+    One of: an attribute swapped between two objects that differ in it, or the
+    objects' order reversed; drawn uniformly over the possible swaps, with the
+    reversal weighted like a third of them (relations are one kind among four).
+    """
+    objs = scene.objects
+    if len(objs) < 2:
+        return None
+    swaps = [
+        (a, b, attr)
+        for a in range(len(objs))
+        for b in range(a + 1, len(objs))
+        for attr in ("color", "shape", "size")
+        if getattr(objs[a], attr) != getattr(objs[b], attr)
+    ]
+    choice = rng.choice(swaps + [None] * max(1, len(swaps) // 3))
+    if choice is None:
+        new = tuple(reversed(objs))
+    else:
+        a, b, attr = choice
+        swapped = list(objs)
+        swapped[a] = dataclasses.replace(objs[a], **{attr: getattr(objs[b], attr)})
+        swapped[b] = dataclasses.replace(objs[b], **{attr: getattr(objs[a], attr)})
+        new = tuple(swapped)
+    twin = Scene(scene.background, scene.arrangement, new)
+    return twin if twin.key() != scene.key() else None
+
+
+def render_twin(image: DemoImage, twin: Scene) -> Image.Image:
+    """The twin drawn with the original image's random stream: the same layout."""
+    return render_image(image.spec, image.split, image.index, twin)
