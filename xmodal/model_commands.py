@@ -89,12 +89,18 @@ def train(**kwargs: Any) -> None:
     help="Training images used (their token features are held in memory).",
 )
 @click.option("--captions-per-image", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=22, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=28, show_default=True)
 @click.option("--batch-size", type=click.IntRange(2), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--layers", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--width", type=click.IntRange(16), default=192, show_default=True)
+@click.option("--width", type=click.IntRange(16), default=128, show_default=True)
 @click.option("--rerank-k", type=click.IntRange(1, 200), default=32, show_default=True)
+@click.option(
+    "--counterfactual/--no-counterfactual",
+    default=True,
+    show_default=True,
+    help="Also train on rendered twins of demo-corpus images with their binding changed.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
