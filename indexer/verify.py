@@ -29,8 +29,8 @@ from .catalog import (
     ImageRow,
     ImageTokens,
     RunRow,
-    migrate,
     open_engine,
+    upgrade,
 )
 from .publish import pending_ids, stored_vectors
 
@@ -76,7 +76,7 @@ def verify_bundle(
         )
     try:
         engine = open_engine(catalog_url(bundle, manifest.catalog_url, db_url), create=False)
-        migrate(engine)
+        upgrade(engine)  # like readers: an older catalog is upgraded, none is an error
     except Exception as exc:
         report.problems.append(f"catalog: {exc}")
         return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -79,6 +80,14 @@ def test_v2_catalog_upgrades_and_republishes_vectors_it_may_hold_stale(
     engine.dispose()
     with pytest.raises(BundleError, match="v9 is newer than this xmodal"):
         Bundle(bundle)
+    # A catalog database without a catalog in it is reported, not given a fresh schema.
+    (bundle / "catalog.sqlite").unlink()
+    sqlite3.connect(bundle / "catalog.sqlite").close()
+    report = verify_bundle(bundle)
+    assert not report.ok
+    assert any("holds no xmodal catalog" in p for p in report.problems), report.problems
+    with sqlite3.connect(bundle / "catalog.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
 
 
 def test_password_never_reaches_the_manifest() -> None:
