@@ -7,7 +7,9 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= data/demo
 BUNDLE ?= $(DEMO)/bundle
 PORT   ?= 5000
-QUERY  ?= a large red circle to the left of a small blue square on a white background
+# test_000000's scene: the dual encoder ranks a look-alike (orange cross, red triangle)
+# first; the reranker puts the match on top.
+QUERY  ?= a small orange star to the left of a large red circle on a black background
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -30,7 +32,9 @@ $(DEMO)/test.jsonl: | $(STAMP)
 demo: $(STAMP) $(DEMO)/test.jsonl
 	$(BIN)/xmodal eval --pairs $(DEMO)/test.jsonl
 	$(BIN)/xmodal index $(DEMO)/images/test --captions $(DEMO)/test.jsonl --bundle $(BUNDLE)
-	@echo; echo "== text -> images: $(QUERY)"
+	@echo; echo "== text -> images, dual encoder only: $(QUERY)"
+	@$(BIN)/xmodal search "$(QUERY)" --bundle $(BUNDLE) -k 3 --no-rerank
+	@echo; echo "== text -> images, reranked by cross-attention"
 	@$(BIN)/xmodal search "$(QUERY)" --bundle $(BUNDLE) -k 3
 	@echo; echo "== image -> captions: $(DEMO)/images/test/test_000000.png"
 	@$(BIN)/xmodal search --image $(DEMO)/images/test/test_000000.png --target captions --bundle $(BUNDLE) -k 3
