@@ -199,9 +199,10 @@ def counterfactual_set(
             continue
         image_row[i] = len(twins)
         twins.append((d, twin))
+        twin_caps = scene_captions(twin)
         for c, k in zip(caps_of[i], paraphrase, strict=True):
             text_row[c] = len(texts)
-            texts.append(scene_captions(twin)[k])
+            texts.append(twin_caps[k])
     if not twins:
         return None
     toks = []
