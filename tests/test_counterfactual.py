@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from rerank_fixtures import tiny_rerank_config
 
 from crossmodal.corpus import Obj, Scene, captions
 from crossmodal.counterfactual import demo_images, render_twin, template_of, twin_scene
 from crossmodal.encoder import Encoder
 from crossmodal.pairs import read_pairs
-from crossmodal.rerank_train import counterfactual_set
+from crossmodal.rerank_train import counterfactual_set, train_reranker
 
 
 def test_a_twin_changes_binding_not_words() -> None:
@@ -81,22 +82,7 @@ def test_counterfactual_set_pairs_each_caption_with_its_twin(
 def test_training_with_twins_uses_them_and_lowers_the_loss(
     small_corpus: Path, tiny_local_dir: Path, tmp_path: Path
 ) -> None:
-    from crossmodal.rerank_train import RerankTrainConfig, train_reranker
-
-    metrics = train_reranker(
-        RerankTrainConfig(
-            pairs=str(small_corpus / "train.jsonl"),
-            out=str(tmp_path / "reranker"),
-            model=f"local-dir:{tiny_local_dir}",
-            images=96,
-            epochs=4,
-            batch_size=16,
-            width=32,
-            layers=1,
-            heads=2,
-            lr=2e-3,
-        )
-    )
+    metrics = train_reranker(tiny_rerank_config(small_corpus, tiny_local_dir, tmp_path / "rr"))
     demo = demo_images(
         small_corpus / "train.jsonl", read_pairs(small_corpus / "train.jsonl").images
     )

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from rerank_fixtures import tiny_rerank_config
 
 from crossmodal.coca_scorer import CocaScorer
 from crossmodal.encoder import Encoder
 from crossmodal.negatives import negative, swap_kind, swaps
 from crossmodal.registry import register_config
-from crossmodal.rerank_train import RerankTrainConfig, train_reranker
+from crossmodal.rerank_train import train_reranker
 from crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_tokens
 from indexer.catalog import ImageTokens
 from indexer.pipeline import IndexOptions, run_index
@@ -92,19 +93,12 @@ def tiny_with_reranker(tiny_local_dir: Path, small_corpus: Path, tmp_path_factor
     folder = tmp_path_factory.mktemp("tiny-rr") / "model"
     shutil.copytree(tiny_local_dir, folder)
     metrics = train_reranker(
-        RerankTrainConfig(
-            pairs=str(small_corpus / "train.jsonl"),
+        tiny_rerank_config(
+            small_corpus,
+            folder,
+            folder / "reranker",
             val=str(small_corpus / "val.jsonl"),
-            out=str(folder / "reranker"),
-            model=f"local-dir:{folder}",
-            images=96,
-            epochs=4,
-            batch_size=16,
-            width=32,
-            layers=1,
-            heads=2,
             rerank_k=8,
-            lr=2e-3,
             # Counterfactual twins are minimal pairs a 4-epoch tiny model cannot yet
             # separate; tests/test_counterfactual.py trains with them.
             counterfactual=False,
