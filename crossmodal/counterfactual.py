@@ -99,6 +99,18 @@ def twin_scene(scene: Scene, rng: random.Random) -> Scene | None:
     return twin if twin.key() != scene.key() else None
 
 
+def symmetric(scene: Scene) -> bool:
+    """True when the objects read the same in reverse order: then flipping the caption's
+    relation ("left of" -> "right of") still describes the picture, so it is no negative.
+    """
+    return len(scene.objects) > 1 and tuple(reversed(scene.objects)) == scene.objects
+
+
+def reversed_order(scene: Scene, twin: Scene) -> bool:
+    """Whether ``twin`` is ``scene`` with its objects in reverse order."""
+    return twin.objects == tuple(reversed(scene.objects))
+
+
 def render_twin(image: DemoImage, twin: Scene) -> Image.Image:
     """The twin drawn with the original image's random stream: the same layout."""
     return render_image(image.spec, image.split, image.index, twin)

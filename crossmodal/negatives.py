@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
 
 from .corpus import COLOR_NAMES, SHAPES, SIZES
 
@@ -48,20 +49,36 @@ def swaps(caption: str) -> list[tuple[str, str]]:
                 if text not in seen:
                     seen.add(text)
                     out.append((kind, text))
-    flipped = [RELATION_FLIP.get(p.lower(), p) for p in parts]
-    text = "".join(flipped)
-    if text not in seen:
+    text = relation_flip(caption)
+    if text is not None and text not in seen:
         out.append(("relation", text))
     return out
 
 
-def negative(caption: str, rng: random.Random, avoid: set[str] | None = None) -> str | None:
+def relation_flip(caption: str) -> str | None:
+    """The caption with every spatial word flipped ("left" <-> "right", "above" <->
+    "below", ...), or None when it has none. It describes the objects' order reversed.
+    """
+    parts = _SPLIT.split(caption)
+    text = "".join(RELATION_FLIP.get(p.lower(), p) for p in parts)
+    return text if text != caption else None
+
+
+def negative(
+    caption: str,
+    rng: random.Random,
+    avoid: set[str] | None = None,
+    exclude: Collection[str] = (),
+) -> str | None:
     """One random compositional negative, or None when no swap changes the caption.
 
     ``avoid`` holds texts that are true of the image (its other captions): a swap that
-    lands on one of them is not a negative.
+    lands on one of them is not a negative. ``exclude`` names kinds of swap that would
+    still describe the image (a relation flip of objects that read the same reversed).
     """
-    options = [t for _, t in swaps(caption) if not avoid or t not in avoid]
+    options = [
+        t for kind, t in swaps(caption) if kind not in exclude and (not avoid or t not in avoid)
+    ]
     return rng.choice(options) if options else None
 
 

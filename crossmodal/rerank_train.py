@@ -38,11 +38,18 @@ import torch
 from tqdm import tqdm
 
 from .corpus import captions as scene_captions
-from .counterfactual import demo_images, render_twin, template_of, twin_scene
+from .counterfactual import (
+    demo_images,
+    render_twin,
+    reversed_order,
+    symmetric,
+    template_of,
+    twin_scene,
+)
 from .encoder import Encoder
 from .errors import DataError
 from .images import ImageDecodeError, decode_image
-from .negatives import negative
+from .negatives import negative, relation_flip
 from .pairs import PairSet, read_pairs
 from .rerank_eval import Features, compositional_accuracy, reranked_recall
 from .reranker import CrossModalReranker, RerankerConfig, itm_loss, pad_tokens
@@ -145,13 +152,18 @@ def compositional_set(
 ) -> tuple[np.ndarray, tuple, tuple]:
     """For each image with a swappable caption: (image rows, true caption, swapped twin)."""
     rng = random.Random(seed)
+    demo = demo_images(pairs.source, pairs.images)
     rows, pos, neg = [], [], []
     for i, cs in enumerate(caps_of):
         if not cs:
             continue
         own = {pairs.captions[c] for c in cs}
         true = pairs.captions[cs[0]]
-        twin = negative(true, rng, avoid=own)
+        # "a blue star left of a blue star" flipped is still true of its picture.
+        d = demo[i]
+        same_reversed = d is not None and template_of(d.scene, true) is not None
+        exclude = ("relation",) if same_reversed and symmetric(d.scene) else ()
+        twin = negative(true, rng, avoid=own, exclude=exclude)
         if twin is not None:
             rows.append(i)
             pos.append(true)
@@ -174,6 +186,7 @@ class Counterfactuals:
     image_tokens: torch.Tensor  # [T, P, Di] float16
     text_tokens: torch.Tensor  # [U, L, Dt] float16
     text_mask: torch.Tensor  # [U, L]
+    texts: list[str]  # [U] the twin captions
 
 
 @torch.inference_mode()
@@ -200,9 +213,14 @@ def counterfactual_set(
         image_row[i] = len(twins)
         twins.append((d, twin))
         twin_caps = scene_captions(twin)
+        reverse = reversed_order(d.scene, twin)
         for c, k in zip(caps_of[i], paraphrase, strict=True):
             text_row[c] = len(texts)
-            texts.append(twin_caps[k])
+            # A reversed twin is also described by the caption's relation flipped
+            # ("A right of B" for "A left of B"): half of them get that wording, so the
+            # relation words themselves are learnt, not only the order of the objects.
+            flipped = relation_flip(pairs.captions[c]) if reverse else None
+            texts.append(flipped if flipped and rng.random() < 0.5 else twin_caps[k])
     if not twins:
         return None
     toks = []
@@ -212,7 +230,7 @@ def counterfactual_set(
         )
         toks.append(encoder.image_tokens(x)[1].half())
     _, t_tok, t_mask = text_features(encoder, texts, desc="twin captions")
-    return Counterfactuals(image_row, text_row, torch.cat(toks), t_tok, t_mask)
+    return Counterfactuals(image_row, text_row, torch.cat(toks), t_tok, t_mask, texts)
 
 
 def hard_neighbours(
