@@ -14,8 +14,11 @@ binary ITM loss:
   picture with two objects' attribute swapped or their order reversed, rendered with
   the same layout. The twin's caption is a negative for the image and a positive for
   the twin picture, and the image's caption a negative for the twin picture, so only
-  binding words to objects separates the pairs. Measured on a GPU (bench note in the
-  reranker's README): with them the reranker learns binding in far fewer steps.
+  binding words to objects separates the pairs. A twin with the objects' order
+  reversed is named, half the time, by the image's caption with its relation words
+  flipped ("A right of B" for "A left of B"), which is how the relation is tested.
+  Measured on a GPU (bench note in the reranker's README): with twins the reranker
+  learns binding in far fewer steps.
 
 Afterwards the fusion weight w (score = logit + w * cosine) is chosen on val as the
 one with the best mean R@1 of both directions after reranking the top k, and saved
