@@ -164,8 +164,8 @@ def compositional_set(
         true = pairs.captions[cs[0]]
         # "a blue star left of a blue star" flipped is still true of its picture.
         d = demo[i]
-        same_reversed = d is not None and template_of(d.scene, true) is not None
-        exclude = ("relation",) if same_reversed and symmetric(d.scene) else ()
+        of_scene = d is not None and template_of(d.scene, true) is not None
+        exclude = ("relation",) if of_scene and symmetric(d.scene) else ()
         twin = negative(true, rng, avoid=own, exclude=exclude)
         if twin is not None:
             rows.append(i)
