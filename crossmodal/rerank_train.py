@@ -14,11 +14,8 @@ binary ITM loss:
   picture with two objects' attribute swapped or their order reversed, rendered with
   the same layout. The twin's caption is a negative for the image and a positive for
   the twin picture, and the image's caption a negative for the twin picture, so only
-  binding words to objects separates the pairs. A twin with the objects' order
-  reversed is named, half the time, by the image's caption with its relation words
-  flipped ("A right of B" for "A left of B"), which is how the relation is tested.
-  Measured on a GPU (bench note in the reranker's README): with twins the reranker
-  learns binding in far fewer steps.
+  binding words to objects separates the pairs. Measured on a GPU (bench note in the
+  reranker's README): with them the reranker learns binding in far fewer steps.
 
 Afterwards the fusion weight w (score = logit + w * cosine) is chosen on val as the
 one with the best mean R@1 of both directions after reranking the top k, and saved
@@ -44,7 +41,6 @@ from .corpus import captions as scene_captions
 from .counterfactual import (
     demo_images,
     render_twin,
-    reversed_order,
     symmetric,
     template_of,
     twin_scene,
@@ -52,7 +48,7 @@ from .counterfactual import (
 from .encoder import Encoder
 from .errors import DataError
 from .images import ImageDecodeError, decode_image
-from .negatives import negative, relation_flip
+from .negatives import negative
 from .pairs import PairSet, read_pairs
 from .rerank_eval import Features, compositional_accuracy, reranked_recall
 from .reranker import CrossModalReranker, RerankerConfig, itm_loss, pad_tokens
@@ -189,7 +185,6 @@ class Counterfactuals:
     image_tokens: torch.Tensor  # [T, P, Di] float16
     text_tokens: torch.Tensor  # [U, L, Dt] float16
     text_mask: torch.Tensor  # [U, L]
-    texts: list[str]  # [U] the twin captions
 
 
 @torch.inference_mode()
@@ -216,14 +211,9 @@ def counterfactual_set(
         image_row[i] = len(twins)
         twins.append((d, twin))
         twin_caps = scene_captions(twin)
-        reverse = reversed_order(d.scene, twin)
         for c, k in zip(caps_of[i], paraphrase, strict=True):
             text_row[c] = len(texts)
-            # A reversed twin is also described by the caption's relation flipped
-            # ("A right of B" for "A left of B"): half of them get that wording, so the
-            # relation words themselves are learnt, not only the order of the objects.
-            flipped = relation_flip(pairs.captions[c]) if reverse else None
-            texts.append(flipped if flipped and rng.random() < 0.5 else twin_caps[k])
+            texts.append(twin_caps[k])
     if not twins:
         return None
     toks = []
@@ -233,7 +223,7 @@ def counterfactual_set(
         )
         toks.append(encoder.image_tokens(x)[1].half())
     _, t_tok, t_mask = text_features(encoder, texts, desc="twin captions")
-    return Counterfactuals(image_row, text_row, torch.cat(toks), t_tok, t_mask, texts)
+    return Counterfactuals(image_row, text_row, torch.cat(toks), t_tok, t_mask)
 
 
 def hard_neighbours(
