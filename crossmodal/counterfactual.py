@@ -101,7 +101,7 @@ def twin_scene(scene: Scene, rng: random.Random) -> Scene | None:
 
 def symmetric(scene: Scene) -> bool:
     """True when the objects read the same in reverse order: then flipping the caption's
-    relation ("left of" -> "right of") still describes the picture, so it is no negative.
+    relation ("left of" -> "right of") still describes the picture: a true caption.
     """
     return len(scene.objects) > 1 and tuple(reversed(scene.objects)) == scene.objects
 

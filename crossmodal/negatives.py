@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Collection
 
 from .corpus import COLOR_NAMES, SHAPES, SIZES
 
@@ -64,21 +63,13 @@ def relation_flip(caption: str) -> str | None:
     return text if text != caption else None
 
 
-def negative(
-    caption: str,
-    rng: random.Random,
-    avoid: set[str] | None = None,
-    exclude: Collection[str] = (),
-) -> str | None:
+def negative(caption: str, rng: random.Random, avoid: set[str] | None = None) -> str | None:
     """One random compositional negative, or None when no swap changes the caption.
 
     ``avoid`` holds texts that are true of the image (its other captions): a swap that
-    lands on one of them is not a negative. ``exclude`` names kinds of swap that would
-    still describe the image (a relation flip of objects that read the same reversed).
+    lands on one of them is not a negative.
     """
-    options = [
-        t for kind, t in swaps(caption) if kind not in exclude and (not avoid or t not in avoid)
-    ]
+    options = [t for _, t in swaps(caption) if not avoid or t not in avoid]
     return rng.choice(options) if options else None
 
 

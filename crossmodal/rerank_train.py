@@ -48,7 +48,7 @@ from .counterfactual import (
 from .encoder import Encoder
 from .errors import DataError
 from .images import ImageDecodeError, decode_image
-from .negatives import negative
+from .negatives import negative, relation_flip
 from .pairs import PairSet, read_pairs
 from .rerank_eval import Features, compositional_accuracy, reranked_recall
 from .reranker import CrossModalReranker, RerankerConfig, itm_loss, pad_tokens
@@ -160,9 +160,10 @@ def compositional_set(
         true = pairs.captions[cs[0]]
         # "a blue star left of a blue star" flipped is still true of its picture.
         d = demo[i]
-        of_scene = d is not None and template_of(d.scene, true) is not None
-        exclude = ("relation",) if of_scene and symmetric(d.scene) else ()
-        twin = negative(true, rng, avoid=own, exclude=exclude)
+        flip = relation_flip(true)
+        if flip and d is not None and template_of(d.scene, true) is not None and symmetric(d.scene):
+            own.add(flip)
+        twin = negative(true, rng, avoid=own)
         if twin is not None:
             rows.append(i)
             pos.append(true)
