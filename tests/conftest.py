@@ -3,12 +3,16 @@ the built-in default), a small demo corpus. Nothing here reaches a network."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Before anything imports huggingface_hub or transformers: offline, with a private cache,
-# so a test can lay out a hub cache without touching the user's.
+# so a test can lay out a hub cache without touching the user's. Removed at exit: a test
+# lays a ViT-B-32 checkpoint (289 MB) out in it, which piled up in /tmp run after run.
 _HF_HOME = tempfile.mkdtemp(prefix="xmodal-test-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
