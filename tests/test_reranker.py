@@ -16,7 +16,7 @@ from crossmodal.coca_scorer import CocaScorer
 from crossmodal.encoder import Encoder
 from crossmodal.negatives import negative, swap_kind, swaps
 from crossmodal.registry import register_config
-from crossmodal.rerank_train import train_reranker
+from crossmodal.rerank_train import grouped_logits, train_reranker
 from crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_tokens
 from indexer.catalog import ImageTokens
 from indexer.pipeline import IndexOptions, run_index
@@ -59,6 +59,26 @@ def test_image_side_is_shared_between_pairs() -> None:
     )
     with pytest.raises(ValueError, match="image_index"):
         model(text, mask, images)
+
+
+def test_length_groups_give_the_logits_and_gradients_of_one_padded_batch() -> None:
+    """Training runs a step's pairs in groups of similar caption length: same numbers."""
+    torch.manual_seed(0)
+    model = CrossModalReranker(RerankerConfig(text_width=12, image_width=10, width=16, heads=2))
+    lengths = torch.tensor([3, 9, 1, 6, 9, 2, 5])
+    mask = torch.arange(9)[None] < lengths[:, None]  # [7, 9]
+    text = torch.randn(7, 9, 12) * mask[..., None]
+    image = torch.randn(7, 4, 10)
+    ref = model(text, mask, image)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    for groups in (2, 3, 7, 20):
+        model.zero_grad()
+        out = grouped_logits(model, text, mask, image, groups)
+        torch.testing.assert_close(out, ref)  # same pairs, same order
+        out.square().sum().backward()
+        for p, g in zip(model.parameters(), ref_grads, strict=True):
+            torch.testing.assert_close(p.grad, g)
 
 
 def test_pad_tokens() -> None:
