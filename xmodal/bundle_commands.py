@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .cli import friendly_errors, load_encoder, model_options
+from .options import friendly_errors, load_encoder, model_options
 
 
 def _bundle_option(fn: Callable) -> Callable:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli import friendly_errors, load_encoder, model_options
+from .options import friendly_errors, load_encoder, model_options
 
 
 @click.command("demo-corpus")
