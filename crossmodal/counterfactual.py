@@ -106,6 +106,11 @@ def symmetric(scene: Scene) -> bool:
     return len(scene.objects) > 1 and tuple(reversed(scene.objects)) == scene.objects
 
 
+def reversed_order(scene: Scene, twin: Scene) -> bool:
+    """Whether ``twin`` is ``scene`` with its objects in reverse order."""
+    return twin.objects == tuple(reversed(scene.objects))
+
+
 def render_twin(image: DemoImage, twin: Scene) -> Image.Image:
     """The twin drawn with the original image's random stream: the same layout."""
     return render_image(image.spec, image.split, image.index, twin)

@@ -15,6 +15,7 @@ from crossmodal.corpus import Obj, Scene, captions
 from crossmodal.counterfactual import (
     demo_images,
     render_twin,
+    reversed_order,
     symmetric,
     template_of,
     twin_scene,
@@ -78,10 +79,14 @@ def test_counterfactual_set_pairs_each_caption_with_its_twin(
     assert cf is not None
     demo = demo_images(pairs.source, pairs.images)
     many = np.array([len(d.scene.objects) > 1 for d in demo])
-    assert ((cf.image_row >= 0) == many).all()  # every multi-object image, no single one
-    assert len(cf.image_tokens) == many.sum()
+    palindrome = np.array([symmetric(d.scene) for d in demo])
+    has = cf.image_row >= 0
+    # Every multi-object image but one that reads the same reversed (when its draw is
+    # the reversal) has a twin; no single-object image has one.
+    assert (has[many & ~palindrome]).all() and not has[~many].any()
+    assert len(cf.image_tokens) == has.sum()
     assert cf.image_tokens.shape[1:] == enc.image_tokens(torch.zeros(1, 3, 32, 32))[1].shape[1:]
-    with_twin = [c for i in np.flatnonzero(many) for c in caps_of[i]]
+    with_twin = [c for i in np.flatnonzero(has) for c in caps_of[i]]
     assert (cf.text_row[with_twin] >= 0).all()
     assert len(set(cf.text_row[with_twin].tolist())) == len(with_twin)
 
@@ -93,7 +98,11 @@ def test_training_with_twins_uses_them_and_lowers_the_loss(
     demo = demo_images(
         small_corpus / "train.jsonl", read_pairs(small_corpus / "train.jsonl").images
     )
-    assert metrics["counterfactual_twins"] == sum(len(d.scene.objects) > 1 for d in demo)
+    multi = sum(len(d.scene.objects) > 1 for d in demo)
+    # A scene that reads the same reversed has no twin when its draw is the reversal.
+    palindromes = sum(symmetric(d.scene) for d in demo)
+    assert multi - palindromes <= metrics["counterfactual_twins"] <= multi
+    assert metrics["counterfactual_twins"] > 0.9 * multi
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
 
@@ -109,3 +118,34 @@ def test_a_flipped_relation_of_symmetric_objects_is_no_negative() -> None:
     # Identical objects: the flip is the only swap, and it is true of the picture.
     assert negative(caption, rng) is not None
     assert negative(caption, rng, avoid={relation_flip(caption)}) is None
+
+
+def test_reversed_twins_are_also_named_by_the_flipped_relation(
+    small_corpus: Path, tiny_local_dir: Path
+) -> None:
+    enc = Encoder.load(f"local-dir:{tiny_local_dir}")
+    pairs = read_pairs(small_corpus / "train.jsonl")
+    caps_of = pairs.captions_of()
+    demo = demo_images(pairs.source, pairs.images)
+    cf = counterfactual_set(enc, pairs, caps_of, seed=0)
+    assert cf is not None
+    # Re-draw the twins counterfactual_set drew (same seed, same order of draws).
+    rng = random.Random(0)
+    flipped = templated = 0
+    for i, d in enumerate(demo):
+        if len(d.scene.objects) < 2:
+            continue
+        twin = twin_scene(d.scene, rng)
+        if twin is None:
+            continue
+        reverse = reversed_order(d.scene, twin)
+        for c in caps_of[i]:
+            text = cf.texts[cf.text_row[c]]
+            flip = relation_flip(pairs.captions[c]) if reverse else None
+            if flip and rng.random() < 0.5:
+                assert text == flip
+                flipped += 1
+            else:
+                assert text == captions(twin)[template_of(d.scene, pairs.captions[c])]
+                templated += 1
+    assert flipped > 0 and templated > 0

@@ -90,7 +90,7 @@ def train(**kwargs: Any) -> None:
 )
 @click.option("--captions-per-image", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=28, show_default=True)
-@click.option("--batch-size", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(2), default=256, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--layers", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--width", type=click.IntRange(16), default=128, show_default=True)
