@@ -81,7 +81,8 @@ class RerankTrainConfig:
     rerank_k: int = 32  # candidates re-scored when tuning w on val
     val_images: int | None = 1000
     # A step's pairs run in this many groups of similar caption length, each padded
-    # only to its own longest (captions run 6-30 tokens): same logits, less compute.
+    # only to its own longest (one-object captions are far shorter than three-object
+    # ones): same logits, less compute.
     length_groups: int = 4
     counterfactual: bool = True  # twins of demo-corpus images (others have none)
     seed: int = 0
