@@ -292,9 +292,8 @@ def grouped_logits(
     lengths = mask.sum(1)
     order = torch.argsort(lengths)
     parts = []
+    # At most one group per pair: tensor_split then gives no empty group.
     for idx in torch.tensor_split(order, max(1, min(groups, len(order)))):
-        if len(idx) == 0:
-            continue
         longest = int(lengths[idx].max())
         t = text[idx, :longest].float()  # [b, longest, Dt]
         parts.append(model(t, mask[idx, :longest], image[idx].float()))

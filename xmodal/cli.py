@@ -1,9 +1,10 @@
 """The ``xmodal`` command: the one entry point that reads flags and environment variables.
 
-It decides thread counts (``--threads`` or ``XMODAL_THREADS``) before any work and turns
-the library's specific errors into one-line messages with a non-zero exit status. The
-commands live in ``model_commands`` (corpus, training, evaluation) and
-``bundle_commands`` (index, search, info, verify, serve); what they share, in ``options``.
+It decides thread counts (``--threads`` or ``XMODAL_THREADS``) before any work; its
+commands turn the library's specific errors into one-line messages with a non-zero exit
+status (``options.friendly_errors``). The commands live in ``model_commands`` (corpus,
+training, evaluation) and ``bundle_commands`` (index, search, info, verify, serve); what
+they share, in ``options``.
 """
 
 from __future__ import annotations
