@@ -51,7 +51,6 @@ PACKAGED_TEXT_TOWERS: dict[str, PackagedTextTower] = {
 _lock = threading.Lock()
 _hashes: dict[tuple[str, int, int], str] = {}
 _registered: dict[str, str] = {}  # name -> json text registered with open_clip
-_tmpdir: tempfile.TemporaryDirectory | None = None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -124,20 +123,23 @@ def register_config(name: str, model_cfg: dict[str, Any]) -> str:
     """Register ``model_cfg`` (resolved) with open_clip under ``name``; returns the name.
 
     open_clip's public hook takes a file, so the resolved config is written to a
-    per-process temporary folder first. Re-registering the same config is a no-op.
+    temporary folder first. open_clip reads it at once and keeps what it read (a later
+    rescan skips a path that is gone), so the folder is removed straight away: a
+    process that is killed leaves nothing behind. Re-registering the same config is a
+    no-op.
     """
     import open_clip
 
-    global _tmpdir
     text = json.dumps(resolve_model_cfg(model_cfg), sort_keys=True)
     with _lock:
         if _registered.get(name) == text:
             return name
-        if _tmpdir is None:
-            _tmpdir = tempfile.TemporaryDirectory(prefix="xmodal-configs-")
-        path = Path(_tmpdir.name) / f"{name}.json"
-        path.write_text(text, encoding="utf-8")
-        open_clip.add_model_config(path)
+        with tempfile.TemporaryDirectory(prefix="xmodal-configs-") as folder:
+            path = Path(folder) / f"{name}.json"
+            path.write_text(text, encoding="utf-8")
+            open_clip.add_model_config(path)
+        if open_clip.get_model_config(name) is None:
+            raise ModelError(f"open_clip did not register model config {name!r}")
         _registered[name] = text
     return name
 

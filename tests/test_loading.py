@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,19 @@ def test_packaged_text_tower_is_verified(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(IntegrityError, match=r"refusing text tower weights .*model.safetensors"):
         packaged_tower_path(tampered)
     sys.modules.pop("fake_tower_pkg", None)
+
+
+def test_registered_config_builds_and_leaves_no_temporary_folder(monkeypatch, tmp_path) -> None:
+    # A killed server must not leave a folder per process in /tmp: the config file
+    # open_clip reads is gone as soon as it is registered.
+    import open_clip
+
+    from crossmodal.registry import register_config, shipped_configs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = shipped_configs()[TINY]
+    cfg["embed_dim"] = 48  # a config no other test registered
+    register_config("xmodal-tiny-registry-test", cfg)
+    assert list(tmp_path.iterdir()) == []
+    model = open_clip.create_model("xmodal-tiny-registry-test")
+    assert model.visual.output_dim == 48
