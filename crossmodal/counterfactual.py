@@ -111,6 +111,34 @@ def reversed_order(scene: Scene, twin: Scene) -> bool:
     return twin.objects == tuple(reversed(scene.objects))
 
 
+def scene_difference(true: Scene, other: Scene) -> tuple[str, ...]:
+    """How ``other`` differs from ``true``, for sorting a reranker's mistakes.
+
+    ("count",) for another number of objects; else any of "background", "arrangement"
+    (row vs column), "order" (the same objects reversed), and per attribute "size",
+    "color" or "shape" where the values differ, or "size-bind" etc. where they are the
+    same values held by other objects. () for the same description.
+    """
+    a, b = true.objects, other.objects
+    if len(a) != len(b):
+        return ("count",)
+    diff = []
+    if true.background != other.background:
+        diff.append("background")
+    if len(a) > 1 and true.arrangement != other.arrangement:
+        diff.append("arrangement")
+    if a != b and b == tuple(reversed(a)):
+        diff.append("order")
+    elif a != b:
+        for attr in ("size", "color", "shape"):
+            va, vb = [getattr(o, attr) for o in a], [getattr(o, attr) for o in b]
+            if sorted(va) != sorted(vb):
+                diff.append(attr)
+            elif va != vb:
+                diff.append(f"{attr}-bind")
+    return tuple(diff)
+
+
 def render_twin(image: DemoImage, twin: Scene) -> Image.Image:
     """The twin drawn with the original image's random stream: the same layout."""
     return render_image(image.spec, image.split, image.index, twin)

@@ -16,6 +16,7 @@ from crossmodal.counterfactual import (
     demo_images,
     render_twin,
     reversed_order,
+    scene_difference,
     symmetric,
     template_of,
     twin_scene,
@@ -42,6 +43,24 @@ def test_a_twin_changes_binding_not_words() -> None:
         seen.add(twin.key())
     assert len(seen) >= 5  # colour, shape, size swaps and the reversal all occur
     assert twin_scene(Scene("white", "row", (Obj("small", "red", "circle"),)), rng) is None
+
+
+def test_scene_difference_names_what_a_twin_changed() -> None:
+    red, blue = Obj("small", "red", "circle"), Obj("large", "blue", "star")
+    scene = Scene("white", "row", (red, blue))
+    assert scene_difference(scene, scene) == ()
+    assert scene_difference(scene, Scene("white", "row", (blue, red))) == ("order",)
+    swapped = Scene("white", "row", (Obj("small", "blue", "circle"), Obj("large", "red", "star")))
+    assert scene_difference(scene, swapped) == ("color-bind",)
+    other = Scene("black", "column", (red, Obj("large", "blue", "heart")))
+    assert scene_difference(scene, other) == ("background", "arrangement", "shape")
+    assert scene_difference(scene, Scene("white", "single", (red,))) == ("count",)
+    rng = random.Random(1)
+    for _ in range(20):  # every twin differs in binding only: one swap or the order
+        twin = twin_scene(scene, rng)
+        assert twin is not None
+        (diff,) = scene_difference(scene, twin)
+        assert diff == "order" if reversed_order(scene, twin) else diff.endswith("-bind")
 
 
 def test_twins_are_drawn_with_the_original_layout(small_corpus: Path) -> None:
