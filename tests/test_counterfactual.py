@@ -7,12 +7,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from rerank_fixtures import tiny_rerank_config
 
 from crossmodal.corpus import Obj, Scene, captions
 from crossmodal.counterfactual import (
+    DemoImage,
     demo_images,
     render_twin,
     reversed_order,
@@ -23,8 +25,8 @@ from crossmodal.counterfactual import (
 )
 from crossmodal.encoder import Encoder
 from crossmodal.negatives import negative, relation_flip
-from crossmodal.pairs import read_pairs
-from crossmodal.rerank_train import counterfactual_set, train_reranker
+from crossmodal.pairs import PairSet, read_pairs
+from crossmodal.rerank_train import Counterfactuals, counterfactual_set, train_reranker
 
 
 def test_a_twin_changes_binding_not_words() -> None:
@@ -88,15 +90,22 @@ def test_pairs_without_a_corpus_have_no_twins(tmp_path: Path, small_corpus: Path
     assert demo_images(pairs.source, pairs.images) == [None] * len(pairs.images)
 
 
-def test_counterfactual_set_pairs_each_caption_with_its_twin(
+@pytest.fixture(scope="module")
+def twins(
     small_corpus: Path, tiny_local_dir: Path
-) -> None:
+) -> tuple[Encoder, PairSet, list[list[int]], list[DemoImage | None], Counterfactuals]:
+    """(encoder, train pairs, captions per image, demo scenes, their twins), rendered
+    and encoded once for the tests that read them."""
     enc = Encoder.load(f"local-dir:{tiny_local_dir}")
     pairs = read_pairs(small_corpus / "train.jsonl")
     caps_of = pairs.captions_of()
     cf = counterfactual_set(enc, pairs, caps_of, seed=0)
     assert cf is not None
-    demo = demo_images(pairs.source, pairs.images)
+    return enc, pairs, caps_of, demo_images(pairs.source, pairs.images), cf
+
+
+def test_counterfactual_set_pairs_each_caption_with_its_twin(twins) -> None:
+    enc, _, caps_of, demo, cf = twins
     many = np.array([len(d.scene.objects) > 1 for d in demo])
     palindrome = np.array([symmetric(d.scene) for d in demo])
     has = cf.image_row >= 0
@@ -139,15 +148,8 @@ def test_a_flipped_relation_of_symmetric_objects_is_no_negative() -> None:
     assert negative(caption, rng, avoid={relation_flip(caption)}) is None
 
 
-def test_reversed_twins_are_also_named_by_the_flipped_relation(
-    small_corpus: Path, tiny_local_dir: Path
-) -> None:
-    enc = Encoder.load(f"local-dir:{tiny_local_dir}")
-    pairs = read_pairs(small_corpus / "train.jsonl")
-    caps_of = pairs.captions_of()
-    demo = demo_images(pairs.source, pairs.images)
-    cf = counterfactual_set(enc, pairs, caps_of, seed=0)
-    assert cf is not None
+def test_reversed_twins_are_also_named_by_the_flipped_relation(twins) -> None:
+    _, pairs, caps_of, demo, cf = twins
     # Re-draw the twins counterfactual_set drew (same seed, same order of draws).
     rng = random.Random(0)
     flipped = templated = 0
