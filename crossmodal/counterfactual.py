@@ -127,7 +127,7 @@ def scene_difference(true: Scene, other: Scene) -> tuple[str, ...]:
         diff.append("background")
     if len(a) > 1 and true.arrangement != other.arrangement:
         diff.append("arrangement")
-    if a != b and b == tuple(reversed(a)):
+    if a != b and reversed_order(true, other):
         diff.append("order")
     elif a != b:
         for attr in ("size", "color", "shape"):
