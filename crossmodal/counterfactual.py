@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .corpus import CorpusSpec, Scene, captions, plan_splits, render_image
+from .corpus import HELD_OUT, SHAPES, CorpusSpec, Scene, captions, plan_splits, render_image
 
 _NAME = re.compile(r"^(train|val|test)_(\d+)\.png$")
 
@@ -69,34 +69,71 @@ def template_of(scene: Scene, caption: str) -> int | None:
         return None
 
 
-def twin_scene(scene: Scene, rng: random.Random) -> Scene | None:
+def _keeps_held_out(scene: Scene, twin: Scene) -> bool:
+    """Whether ``twin`` brings in no held-out colour-shape combination ``scene`` lacks.
+
+    Training scenes never hold one (test measures them as unseen), so their twins
+    must not either; a scene that has one may keep it.
+    """
+    return (twin.combos() & HELD_OUT) <= (scene.combos() & HELD_OUT)
+
+
+def twin_scene(
+    scene: Scene, rng: random.Random, avoid: frozenset[str] = frozenset()
+) -> Scene | None:
     """A scene that differs from ``scene`` in binding only (None for one object).
 
     One of: an attribute swapped between two objects that differ in it, or the
     objects' order reversed; drawn uniformly over the possible swaps, with the
     reversal weighted like a third of them (relations are one kind among four).
+    Swaps that would bring in a held-out colour-shape combination, or give a scene
+    whose key is in ``avoid`` (the val and test descriptions), are not drawn.
     """
     objs = scene.objects
     if len(objs) < 2:
         return None
-    swaps = [
-        (a, b, attr)
-        for a in range(len(objs))
-        for b in range(a + 1, len(objs))
-        for attr in ("color", "shape", "size")
-        if getattr(objs[a], attr) != getattr(objs[b], attr)
-    ]
-    choice = rng.choice(swaps + [None] * max(1, len(swaps) // 3))
-    if choice is None:
-        new = tuple(reversed(objs))
-    else:
-        a, b, attr = choice
-        swapped = list(objs)
-        swapped[a] = dataclasses.replace(objs[a], **{attr: getattr(objs[b], attr)})
-        swapped[b] = dataclasses.replace(objs[b], **{attr: getattr(objs[a], attr)})
-        new = tuple(swapped)
-    twin = Scene(scene.background, scene.arrangement, new)
-    return twin if twin.key() != scene.key() else None
+    options: list[Scene] = []
+    for a in range(len(objs)):
+        for b in range(a + 1, len(objs)):
+            for attr in ("color", "shape", "size"):
+                if getattr(objs[a], attr) == getattr(objs[b], attr):
+                    continue
+                swapped = list(objs)
+                swapped[a] = dataclasses.replace(objs[a], **{attr: getattr(objs[b], attr)})
+                swapped[b] = dataclasses.replace(objs[b], **{attr: getattr(objs[a], attr)})
+                twin = Scene(scene.background, scene.arrangement, tuple(swapped))
+                if _keeps_held_out(scene, twin) and twin.key() not in avoid:
+                    options.append(twin)
+    reverse = Scene(scene.background, scene.arrangement, tuple(reversed(objs)))
+    twin = rng.choice(options + [reverse] * max(1, len(options) // 3))
+    return twin if twin.key() != scene.key() and twin.key() not in avoid else None
+
+
+def reshaped_scene(
+    scene: Scene, rng: random.Random, avoid: frozenset[str] = frozenset()
+) -> Scene | None:
+    """``scene`` with one object's shape replaced by another shape (any number of
+    objects), drawn uniformly; None when every replacement is excluded as in
+    ``twin_scene``. The text -> image reranker's commonest miss is an image that
+    differs from the caption in a shape: this is that miss as a minimal pair.
+    """
+    options = []
+    for i, obj in enumerate(scene.objects):
+        for shape in SHAPES:
+            if shape == obj.shape:
+                continue
+            objs = list(scene.objects)
+            objs[i] = dataclasses.replace(obj, shape=shape)
+            twin = Scene(scene.background, scene.arrangement, tuple(objs))
+            if _keeps_held_out(scene, twin) and twin.key() not in avoid:
+                options.append(twin)
+    return rng.choice(options) if options else None
+
+
+def held_out_keys(spec: CorpusSpec) -> frozenset[str]:
+    """Keys of the corpus's val and test scenes, which no training scene may have."""
+    plan = plan_splits(spec)
+    return frozenset(s.key() for split in ("val", "test") for s in plan.get(split, []))
 
 
 def symmetric(scene: Scene) -> bool:

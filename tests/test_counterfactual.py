@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -12,11 +13,13 @@ import torch
 from PIL import Image
 from rerank_fixtures import tiny_rerank_config
 
-from crossmodal.corpus import Obj, Scene, captions
+from crossmodal.corpus import HELD_OUT, CorpusSpec, Obj, Scene, captions, plan_splits
 from crossmodal.counterfactual import (
     DemoImage,
     demo_images,
+    held_out_keys,
     render_twin,
+    reshaped_scene,
     reversed_order,
     scene_difference,
     symmetric,
@@ -45,6 +48,48 @@ def test_a_twin_changes_binding_not_words() -> None:
         seen.add(twin.key())
     assert len(seen) >= 5  # colour, shape, size swaps and the reversal all occur
     assert twin_scene(Scene("white", "row", (Obj("small", "red", "circle"),)), rng) is None
+
+
+def test_twins_bring_in_no_held_out_combination_nor_a_val_or_test_scene(
+    small_corpus: Path,
+) -> None:
+    # Blue circles and red squares are held out of train: swapping colours or shapes
+    # of these two would bring both in, so the reversal is the only twin left.
+    red, blue = Obj("small", "red", "circle"), Obj("small", "blue", "square")
+    assert {("blue", "circle"), ("red", "square")} <= HELD_OUT
+    scene = Scene("white", "row", (red, blue))
+    rng = random.Random(0)
+    assert all(twin_scene(scene, rng).objects == (blue, red) for _ in range(20))
+    # Over a corpus's training scenes, with its val and test keys to avoid.
+    spec = CorpusSpec(**json.loads((small_corpus / "corpus.json").read_text())["spec"])
+    avoid = held_out_keys(spec)
+    plan = plan_splits(spec)
+    assert len(avoid) == len({s.key() for s in plan["val"] + plan["test"]}) > 0
+    made = 0
+    for train_scene in plan["train"]:
+        for twin in (twin_scene(train_scene, rng, avoid), reshaped_scene(train_scene, rng, avoid)):
+            if twin is not None:
+                assert not twin.combos() & HELD_OUT and twin.key() not in avoid
+                made += 1
+    assert made > len(plan["train"])
+
+
+def test_a_reshaped_twin_changes_one_shape() -> None:
+    scene = Scene("gray", "column", (Obj("small", "red", "circle"), Obj("large", "green", "star")))
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(40):
+        twin = reshaped_scene(scene, rng)
+        assert twin is not None and scene_difference(scene, twin) == ("shape",)
+        changed = [a for a, b in zip(scene.objects, twin.objects, strict=True) if a != b]
+        assert len(changed) == 1
+        seen.add(twin.key())
+    assert len(seen) > 8  # both objects, several shapes
+    single = Scene("black", "row", (Obj("large", "pink", "heart"),))
+    assert scene_difference(single, reshaped_scene(single, rng)) == ("shape",)
+    # Every replacement excluded: none.
+    every = {reshaped_scene(single, rng).key() for _ in range(200)}
+    assert reshaped_scene(single, rng, frozenset(every)) is None
 
 
 def test_scene_difference_names_what_a_twin_changed() -> None:
@@ -122,7 +167,9 @@ def test_counterfactual_set_pairs_each_caption_with_its_twin(twins) -> None:
 def test_training_with_twins_uses_them_and_lowers_the_loss(
     small_corpus: Path, tiny_local_dir: Path, tmp_path: Path
 ) -> None:
-    metrics = train_reranker(tiny_rerank_config(small_corpus, tiny_local_dir, tmp_path / "rr"))
+    metrics = train_reranker(
+        tiny_rerank_config(small_corpus, tiny_local_dir, tmp_path / "rr", reshaped=True)
+    )
     demo = demo_images(
         small_corpus / "train.jsonl", read_pairs(small_corpus / "train.jsonl").images
     )
@@ -131,6 +178,8 @@ def test_training_with_twins_uses_them_and_lowers_the_loss(
     palindromes = sum(symmetric(d.scene) for d in demo)
     assert multi - palindromes <= metrics["counterfactual_twins"] <= multi
     assert metrics["counterfactual_twins"] > 0.9 * multi
+    # Every image, one object or more, has a reshaped twin (its caption's negative).
+    assert 0.9 * len(demo) < metrics["reshaped_twins"] <= len(demo)
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
 
@@ -152,11 +201,12 @@ def test_reversed_twins_are_also_named_by_the_flipped_relation(twins) -> None:
     _, pairs, caps_of, demo, cf = twins
     # Re-draw the twins counterfactual_set drew (same seed, same order of draws).
     rng = random.Random(0)
+    avoid = held_out_keys(demo[0].spec)
     flipped = templated = 0
     for i, d in enumerate(demo):
         if len(d.scene.objects) < 2:
             continue
-        twin = twin_scene(d.scene, rng)
+        twin = twin_scene(d.scene, rng, avoid)
         if twin is None:
             continue
         reverse = reversed_order(d.scene, twin)

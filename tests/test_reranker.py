@@ -16,7 +16,7 @@ from crossmodal.coca_scorer import CocaScorer
 from crossmodal.encoder import Encoder
 from crossmodal.negatives import negative, swap_kind, swaps
 from crossmodal.registry import register_config
-from crossmodal.rerank_train import grouped_logits, train_reranker
+from crossmodal.rerank_train import grouped_logits, listwise_loss, train_reranker
 from crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_tokens
 from indexer.catalog import ImageTokens
 from indexer.pipeline import IndexOptions, run_index
@@ -79,6 +79,23 @@ def test_length_groups_give_the_logits_and_gradients_of_one_padded_batch() -> No
         out.square().sum().backward()
         for p, g in zip(model.parameters(), ref_grads, strict=True):
             torch.testing.assert_close(p.grad, g)
+
+
+def test_listwise_loss_ranks_each_positive_against_its_own_candidates() -> None:
+    # logits of three groups: positives of queries 0-2, a negative for queries 0-2,
+    # and a second negative only for query 1 (the others have none: left out).
+    logits = torch.tensor([2.0, 0.5, -1.0, 1.0, 0.5, 3.0, 4.0], requires_grad=True)
+    columns = [(np.arange(3), 0), (np.arange(3), 3), (np.array([1]), 6)]
+    loss = listwise_loss(logits, columns)
+    by_hand = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(row[None], torch.tensor([0]))
+            for row in (logits[[0, 3]], logits[[1, 4, 6]], logits[[2, 5]])
+        ]
+    ).mean()
+    torch.testing.assert_close(loss, by_hand)
+    loss.backward()
+    assert logits.grad[0] < 0 and logits.grad[3] > 0 and logits.grad[6] > 0
 
 
 def test_pad_tokens() -> None:

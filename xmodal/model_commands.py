@@ -101,6 +101,20 @@ def train(**kwargs: Any) -> None:
     show_default=True,
     help="Also train on rendered twins of demo-corpus images with their binding changed.",
 )
+@click.option(
+    "--reshaped/--no-reshaped",
+    default=False,
+    show_default=True,
+    help="Also show each demo caption its picture with one object's shape replaced.",
+)
+@click.option(
+    "--listwise",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Weight of a listwise loss beside ITM (each caption's image ranked against "
+    "the images it was shown with, and each image's caption likewise).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
