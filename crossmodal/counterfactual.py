@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .corpus import HELD_OUT, SHAPES, CorpusSpec, Scene, captions, plan_splits, render_image
+from .corpus import HELD_OUT, CorpusSpec, Scene, captions, plan_splits, render_image
 
 _NAME = re.compile(r"^(train|val|test)_(\d+)\.png$")
 
@@ -107,27 +107,6 @@ def twin_scene(
     reverse = Scene(scene.background, scene.arrangement, tuple(reversed(objs)))
     twin = rng.choice(options + [reverse] * max(1, len(options) // 3))
     return twin if twin.key() != scene.key() and twin.key() not in avoid else None
-
-
-def reshaped_scene(
-    scene: Scene, rng: random.Random, avoid: frozenset[str] = frozenset()
-) -> Scene | None:
-    """``scene`` with one object's shape replaced by another shape (any number of
-    objects), drawn uniformly; None when every replacement is excluded as in
-    ``twin_scene``. The text -> image reranker's commonest miss is an image that
-    differs from the caption in a shape: this is that miss as a minimal pair.
-    """
-    options = []
-    for i, obj in enumerate(scene.objects):
-        for shape in SHAPES:
-            if shape == obj.shape:
-                continue
-            objs = list(scene.objects)
-            objs[i] = dataclasses.replace(obj, shape=shape)
-            twin = Scene(scene.background, scene.arrangement, tuple(objs))
-            if _keeps_held_out(scene, twin) and twin.key() not in avoid:
-                options.append(twin)
-    return rng.choice(options) if options else None
 
 
 def held_out_keys(spec: CorpusSpec) -> frozenset[str]:

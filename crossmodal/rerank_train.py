@@ -18,10 +18,8 @@ binary ITM loss:
   reversed is named, half the time, by the image's caption with its relation words
   flipped ("A right of B" for "A left of B"), which is how the relation is tested.
   Measured on a GPU (bench note in the reranker's README): with twins the reranker
-  learns binding in far fewer steps. A second twin of every demo image has one
-  object's shape replaced and is shown against the image's caption: most text ->
-  image misses are images that differ from the caption in a shape. No twin is a val
-  or test scene or holds a colour-shape combination held out of training.
+  learns binding in far fewer steps. No twin is a val or test scene or holds a
+  colour-shape combination held out of training.
 * optionally (``listwise``) a listwise loss beside ITM: each caption's image against
   the other images it was shown with, each image's caption against its negatives.
 
@@ -37,7 +35,6 @@ import math
 import platform
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +44,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .corpus import Scene
 from .corpus import captions as scene_captions
 from .counterfactual import (
     demo_images,
     held_out_keys,
     render_twin,
-    reshaped_scene,
     reversed_order,
     symmetric,
     template_of,
@@ -95,10 +90,6 @@ class RerankTrainConfig:
     # ones): same logits, less compute.
     length_groups: int = 4
     counterfactual: bool = True  # twins of demo-corpus images (others have none)
-    # A second twin per demo image with one object's shape replaced, shown against the
-    # image's caption: the text -> image misses are mostly images that differ in shape.
-    # Off: it cost 1.8 points of val R@1 and 7 of compositional accuracy (full run).
-    reshaped: bool = False
     # Weight of a listwise loss beside ITM: each caption's image against the images
     # shown with it, each image's caption against its negative captions.
     listwise: float = 0.0
@@ -216,15 +207,9 @@ class Counterfactuals:
 
 @torch.inference_mode()
 def counterfactual_set(
-    encoder: Encoder,
-    pairs: PairSet,
-    caps_of: list[list[int]],
-    seed: int,
-    batch: int = 128,
-    make: Callable[[Scene, random.Random, frozenset[str]], Scene | None] = twin_scene,
+    encoder: Encoder, pairs: PairSet, caps_of: list[list[int]], seed: int, batch: int = 128
 ) -> Counterfactuals | None:
-    """Render and encode a counterfactual twin (drawn by ``make``: by default
-    ``twin_scene``, for every demo image with 2+ objects) of each demo image.
+    """Render and encode a counterfactual twin of every demo image with 2+ objects.
 
     Each of the image's captions gets the twin's caption in the same paraphrase. None
     when the pairs are not a demo corpus (no ``corpus.json`` beside them). No twin is
@@ -241,7 +226,7 @@ def counterfactual_set(
         if d is None or not caps_of[i]:
             continue
         paraphrase = [template_of(d.scene, pairs.captions[c]) for c in caps_of[i]]
-        twin = make(d.scene, rng, avoid) if None not in paraphrase else None
+        twin = twin_scene(d.scene, rng, avoid) if None not in paraphrase else None
         if twin is None:
             continue
         image_row[i] = len(twins)
@@ -258,7 +243,7 @@ def counterfactual_set(
     if not twins:
         return None
     toks = []
-    for s in tqdm(range(0, len(twins), batch), desc=f"twins ({make.__name__})", unit="batch"):
+    for s in tqdm(range(0, len(twins), batch), desc="counterfactual twins", unit="batch"):
         x = torch.stack(
             [encoder.preprocess_image(render_twin(d, t)) for d, t in twins[s : s + batch]]
         )
@@ -406,9 +391,6 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
     comp_rows, _, comp_neg = compositional_set(encoder, train_pairs, caps_of, cfg.seed)
     comp_of = {int(r): j for j, r in enumerate(comp_rows)}
     cf = counterfactual_set(encoder, train_pairs, caps_of, cfg.seed) if cfg.counterfactual else None
-    rs = None
-    if cfg.reshaped:
-        rs = counterfactual_set(encoder, train_pairs, caps_of, cfg.seed + 1, make=reshaped_scene)
     prep_s = time.time() - started
 
     rcfg = RerankerConfig(
@@ -475,12 +457,6 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
                 pairs.add(cf, tt, feats, imgs[twin], 0, image=rows)
                 pairs.add(cf, tt, cf, ti, 1, twin=np.arange(len(ti)))
                 pairs.add(feats, caps[twin], cf, ti, 0, text=rows, twin=np.arange(len(ti)))
-            if rs is not None:
-                # the caption against its image with one shape replaced.
-                has = (rs.image_row[imgs] >= 0) & (rs.text_row[caps] >= 0)
-                pairs.add(
-                    feats, caps[has], rs, rs.image_row[imgs[has]], 0, text=np.flatnonzero(has)
-                )
             # Images without a twin get a text-only swap as their compositional negative.
             alone = np.array([not t and int(i) in comp_of for i, t in zip(imgs, twin, strict=True)])
             if alone.any():
@@ -555,7 +531,6 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
         "train_captions": len(feats.text_emb),
         "compositional_negatives": len(comp_rows),
         "counterfactual_twins": 0 if cf is None else len(cf.image_tokens),
-        "reshaped_twins": 0 if rs is None else len(rs.image_tokens),
         "history": history,
         "val": val_report,
         "seconds": {"prepare": round(prep_s, 1), "total": round(time.time() - started, 1)},

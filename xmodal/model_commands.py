@@ -102,12 +102,6 @@ def train(**kwargs: Any) -> None:
     help="Also train on rendered twins of demo-corpus images with their binding changed.",
 )
 @click.option(
-    "--reshaped/--no-reshaped",
-    default=False,
-    show_default=True,
-    help="Also show each demo caption its picture with one object's shape replaced.",
-)
-@click.option(
     "--listwise",
     type=click.FloatRange(0),
     default=0.0,
