@@ -20,8 +20,10 @@ binary ITM loss:
   Measured on a GPU (bench note in the reranker's README): with twins the reranker
   learns binding in far fewer steps. No twin is a val or test scene or holds a
   colour-shape combination held out of training.
-* optionally (``listwise``) a listwise loss beside ITM: each caption's image against
-  the other images it was shown with, each image's caption against its negatives.
+* beside ITM, a listwise loss (``listwise``; localized contrastive estimation): each
+  caption's image ranked against the other images it was shown with, each image's
+  caption against its negative captions, each twin picture's caption against the
+  original's: the ranking the reranker is used for.
 
 Afterwards the fusion weight w (score = logit + w * cosine) is chosen on val as the
 one with the best mean R@1 of both directions after reranking the top k, and saved
@@ -91,8 +93,9 @@ class RerankTrainConfig:
     length_groups: int = 4
     counterfactual: bool = True  # twins of demo-corpus images (others have none)
     # Weight of a listwise loss beside ITM: each caption's image against the images
-    # shown with it, each image's caption against its negative captions.
-    listwise: float = 0.0
+    # shown with it, each image's caption against its negative captions (v5: val
+    # compositional 0.849 against 0.824 without, R@1 +0.7 / +0.5).
+    listwise: float = 0.5
     seed: int = 0
 
 
@@ -390,6 +393,7 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
     # One compositional twin per image (when its caption allows a swap).
     comp_rows, _, comp_neg = compositional_set(encoder, train_pairs, caps_of, cfg.seed)
     comp_of = {int(r): j for j, r in enumerate(comp_rows)}
+    comp = CompositionalNegatives(*comp_neg[1:3]) if len(comp_rows) else None
     cf = counterfactual_set(encoder, train_pairs, caps_of, cfg.seed) if cfg.counterfactual else None
     prep_s = time.time() - started
 
@@ -459,8 +463,7 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
                 pairs.add(feats, caps[twin], cf, ti, 0, text=rows, twin=np.arange(len(ti)))
             # Images without a twin get a text-only swap as their compositional negative.
             alone = np.array([not t and int(i) in comp_of for i, t in zip(imgs, twin, strict=True)])
-            if alone.any():
-                comp = CompositionalNegatives(*comp_neg[1:3])
+            if comp is not None and alone.any():
                 rows = [comp_of[int(i)] for i in imgs[alone]]
                 pairs.add(comp, np.array(rows), feats, imgs[alone], 0, image=np.flatnonzero(alone))
             text, mask, image, y = pairs.tensors()
