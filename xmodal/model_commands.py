@@ -104,7 +104,7 @@ def train(**kwargs: Any) -> None:
 @click.option(
     "--listwise",
     type=click.FloatRange(0),
-    default=0.5,
+    default=1.0,
     show_default=True,
     help="Weight of a listwise loss beside ITM (each caption's image ranked against "
     "the images it was shown with, and each image's caption likewise).",
