@@ -4,7 +4,9 @@ For each caption of a demo split whose own image is not ranked first after reran
 the dual encoder's top k, compare the scene of the image ranked first with the true
 scene (re-planned from the corpus's ``corpus.json``) with
 ``crossmodal.counterfactual.scene_difference``: another number of objects, or which of
-shape, size, colour, arrangement and order differ. A quality
+shape, size, colour, arrangement and order differ. Misses are also counted, beside the
+dual encoder's, by the true scene's number of objects and by whether it holds a
+colour-shape combination held out of training. A quality
 measurement rather than a speed one; it lives here beside the other measurements.
 
 Usage: .venv/bin/python bench/rerank_misses.py [--split val] [--reranker DIR] [--k 32]
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crossmodal.corpus import HELD_OUT
 from crossmodal.counterfactual import demo_images, scene_difference
 from crossmodal.encoder import Encoder
 from crossmodal.pairs import read_pairs
@@ -61,6 +64,19 @@ def main() -> None:
         or "none"
         for q in misses
     )
+    truth = feats.caption_image  # [M] each caption's image
+    missed = top != truth
+    dual_missed = cand[:, 0] != truth
+
+    def tally(rows: np.ndarray) -> dict[str, int]:
+        return {
+            "captions": int(rows.sum()),
+            "misses": int((missed & rows).sum()),
+            "dual_misses": int((dual_missed & rows).sum()),
+        }
+
+    objects = np.array([len(s.scene.objects) for s in scenes])[truth]
+    unseen = np.array([bool(s.scene.combos() & HELD_OUT) for s in scenes])[truth]
     involving = Counter(
         word for kind, n in kinds.items() for word in kind.split() for _ in range(n)
     )
@@ -74,6 +90,8 @@ def main() -> None:
                 "misses": len(misses),
                 "by_confusion": dict(kinds.most_common()),
                 "misses_involving": dict(involving.most_common()),
+                "by_objects": {int(n): tally(objects == n) for n in np.unique(objects)},
+                "held_out_combination": tally(unseen),
                 "examples": [
                     [
                         pairs.captions[q],
