@@ -58,14 +58,13 @@ def main() -> None:
     logits = pair_logits(scorer, feats, np.repeat(np.arange(m), k), cand.ravel()).reshape(m, k)
     fused = logits + fusion_weight(scorer) * np.take_along_axis(sims, cand, axis=1)
     top = cand[np.arange(m), fused.argmax(axis=1)]
-    misses = np.flatnonzero(top != feats.caption_image)
-    kinds = Counter(
-        " ".join(scene_difference(scenes[feats.caption_image[q]].scene, scenes[top[q]].scene))
-        or "none"
-        for q in misses
-    )
     truth = feats.caption_image  # [M] each caption's image
     missed = top != truth
+    misses = np.flatnonzero(missed)
+    kinds = Counter(
+        " ".join(scene_difference(scenes[truth[q]].scene, scenes[top[q]].scene)) or "none"
+        for q in misses
+    )
     dual_missed = cand[:, 0] != truth
 
     def tally(rows: np.ndarray) -> dict[str, int]:
