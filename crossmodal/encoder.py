@@ -33,9 +33,15 @@ class Encoder:
         visual = self.model.visual
         # Ask the ViT for its patch tokens once, here, rather than flipping the flag per
         # call (not thread-safe): the pooled embedding comes out of the same pass.
-        self.has_image_tokens = hasattr(visual, "output_tokens") and hasattr(visual, "_pool")
-        if self.has_image_tokens:
+        vit_tokens = hasattr(visual, "output_tokens") and hasattr(visual, "_pool")
+        if vit_tokens:
             visual.output_tokens = True
+        # A timm tower (open_clip's TimmModel): its trunk's feature map is the token grid.
+        trunk = getattr(visual, "trunk", None)
+        self.timm_tokens = all(
+            hasattr(trunk, a) for a in ("forward_features", "forward_head")
+        ) and hasattr(visual, "head")
+        self.has_image_tokens = vit_tokens or self.timm_tokens
         self.text_tower = getattr(self.model, "text", None)
         self.hf_text = self.text_tower is not None and hasattr(self.text_tower, "pooler")
         if self.hf_text:
@@ -79,7 +85,14 @@ class Encoder:
         return self.preprocess(image)
 
     def _visual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.model.visual(x.to(self.device))
+        visual = self.model.visual
+        if self.timm_tokens:
+            # TimmModel.forward is head(trunk(x)); split the trunk to keep its feature map.
+            fmap = visual.trunk.forward_features(x.to(self.device))  # [B, C, h, w] or [B, N, C]
+            pooled = visual.head(visual.trunk.forward_head(fmap))  # [B, D]
+            tokens = fmap.flatten(2).transpose(1, 2) if fmap.ndim == 4 else fmap  # [B, h*w, C]
+            return pooled, tokens
+        out = visual(x.to(self.device))
         if isinstance(out, tuple):
             return out[0], out[1]
         return out, None
@@ -102,7 +115,8 @@ class Encoder:
     def image_tokens(self, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Preprocessed [B, 3, H, W] -> (embeddings [B, D], patch tokens [B, P, Wv]).
 
-        Tokens are the image tower's last layer after its final norm, unprojected.
+        Tokens are the image tower's last layer after its final norm, unprojected (a
+        ViT's patch tokens; a timm tower's last feature map, one token per cell).
         """
         if not self.has_image_tokens:
             raise NotImplementedError(

@@ -130,6 +130,8 @@ def register_config(name: str, model_cfg: dict[str, Any]) -> str:
     """
     import open_clip
 
+    from . import convnet  # noqa: F401  (registers the timm tower a config may name)
+
     text = json.dumps(resolve_model_cfg(model_cfg), sort_keys=True)
     with _lock:
         if _registered.get(name) == text:

@@ -103,8 +103,9 @@ class CrossModalReranker(nn.Module):
             nn.LayerNorm(cfg.image_width), nn.Linear(cfg.image_width, cfg.width)
         )
         self.ln_image = nn.LayerNorm(cfg.width)
-        # Patch tokens come in grid order: a learned embedding per position makes
-        # "left of" and "above" explicit instead of relying on what survived the ViT.
+        # Image tokens come in grid order (ViT patches, a ConvNet's feature-map cells): a
+        # learned embedding per position makes "left of" and "above" explicit instead of
+        # relying on what position the image tower kept.
         self.image_pos = (
             nn.Parameter(torch.zeros(1, cfg.image_positions, cfg.width))
             if cfg.image_positions
