@@ -141,7 +141,7 @@ def test_model_folders_name_packaged_text_towers_by_hub_id() -> None:
     machine's package folder; what `xmodal train --model NAME` writes must not.
     """
     hub_id = "sentence-transformers/all-MiniLM-L6-v2"
-    loaded = load_model("xmodal-minilm-vit")
+    loaded = load_model("xmodal-minilm-cnn")
     assert loaded.model_cfg["text_cfg"]["hf_model_name"] == hub_id
     shipped = json.loads((DEFAULT_MODEL_DIR / "open_clip_config.json").read_text())
     assert shipped["model_cfg"]["text_cfg"]["hf_model_name"] == hub_id
