@@ -102,8 +102,11 @@ def xmodal_convnet(pretrained: bool = False, **kwargs: Any) -> ConvNet:
     channels = tuple(kwargs.pop("channels", ConvNetConfig().channels))
     cfg = ConvNetConfig(channels=channels, in_chans=kwargs.pop("in_chans", 3))
     num_classes = kwargs.pop("num_classes", 0)
-    kwargs.pop("global_pool", None)
-    kwargs.pop("drop_path_rate", None)
+    global_pool = kwargs.pop("global_pool", None)
+    kwargs.pop("drop_path_rate", None)  # no stochastic depth in a plain conv stack
     if kwargs:
         raise TypeError(f"{MODEL_NAME}: unexpected arguments {sorted(kwargs)}")
-    return ConvNet(cfg, num_classes=num_classes)
+    net = ConvNet(cfg, num_classes=num_classes)
+    if global_pool is not None:  # TimmModel passes it when the trunk's head is the projection
+        net.reset_classifier(num_classes, global_pool)
+    return net

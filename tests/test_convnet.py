@@ -36,17 +36,15 @@ def test_timm_builds_it_with_a_feature_grid_and_a_pooled_head() -> None:
         timm.create_model("xmodal_convnet", depth=3)
 
 
-def _train_tiny_cnn(corpus: Path, out: Path) -> None:
-    args = ["train", "--pairs", str(corpus / "train.jsonl"), "--val", str(corpus / "val.jsonl")]
-    args += ["--out", str(out), "--model", "xmodal-tiny-cnn", "--epochs", "2"]
-    result = CliRunner().invoke(main, [*args, "--batch-size", "32"])
-    assert result.exit_code == 0, result.output
-
-
 @pytest.fixture(scope="module")
 def tiny_cnn_dir(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ConvNet model trained by the CLI, as a user would."""
     out = tmp_path_factory.mktemp("tiny-cnn") / "model"
-    _train_tiny_cnn(small_corpus, out)
+    args = ["train", "--pairs", str(small_corpus / "train.jsonl")]
+    args += ["--val", str(small_corpus / "val.jsonl"), "--out", str(out)]
+    args += ["--model", "xmodal-tiny-cnn", "--epochs", "2", "--batch-size", "32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
     return out
 
 
