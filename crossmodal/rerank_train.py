@@ -370,12 +370,13 @@ def grouped_logits(
     """
     lengths = mask.sum(1)
     order = torch.argsort(lengths)
+    dtype = next(model.parameters()).dtype  # cached tokens are float16
     parts = []
     # At most one group per pair: tensor_split then gives no empty group.
     for idx in torch.tensor_split(order, max(1, min(groups, len(order)))):
         longest = int(lengths[idx].max())
-        t = text[idx, :longest].float()  # [b, longest, Dt]
-        parts.append(model(t, mask[idx, :longest], image[idx].float()))
+        t = text[idx, :longest].to(dtype)  # [b, longest, Dt]
+        parts.append(model(t, mask[idx, :longest], image[idx].to(dtype)))
     return torch.cat(parts)[torch.argsort(order)]  # back to the pairs' order
 
 
