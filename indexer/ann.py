@@ -7,11 +7,21 @@ large collections because it supports removing ids, so re-indexing a changed fol
 updates the index in place. ``nprobe`` is tuned at build time on a sample of the
 collection's own vectors until recall@10 against exact search reaches the target,
 and recorded in the manifest (search sets it once at load).
+
+Some index types cannot remove ids (HNSW has no ``remove_ids``). They are accepted: when
+a run has ids to remove (deleted files, or files modified in place), publication
+rebuilds such an index from the catalog's stored vectors (no re-encoding; cost: the
+index build, about 3.4k vectors/s for HNSW32 on 2 cores) instead of removing in place,
+and the run report counts it (``images_index_rebuilt``). A factory the user chose
+that ``choose_factory`` never picks (HNSW, PQ, ...) is kept by later runs that do not
+name one (``keep_factory``), instead of falling back to the size-based choice.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -28,6 +38,27 @@ def choose_factory(n: int) -> str:
         return "IDMap2,Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     return f"IVF{nlist},Flat"
+
+
+def keep_factory(published: str | None, n: int) -> str:
+    """The factory a run that names none uses: the published one when the user chose it.
+
+    Factories ``choose_factory`` produces (``IDMap2,Flat``, ``IVF{n},Flat``) follow the
+    collection's size; any other was asked for by name and stays until another is named.
+    """
+    auto = choose_factory(n)
+    if published and published != "IDMap2,Flat" and not re.fullmatch(r"IVF\d+,Flat", published):
+        return published
+    return auto
+
+
+def supports_remove(index: faiss.Index) -> bool:
+    """Whether ``index`` can remove ids in place (HNSW, for one, cannot)."""
+    try:
+        remove(index, np.array([-1], np.int64))  # no stored id is -1: removes nothing
+    except RuntimeError:
+        return False
+    return True
 
 
 def training_size(factory: str, n: int) -> int:
@@ -173,3 +204,58 @@ def tune_nprobe(
         nprobe *= 2
     ivf.nprobe = ivf.nlist
     return ivf.nlist
+
+
+VECTOR_CHUNK = 10_000  # vectors read at a time when checking every stored vector
+
+
+def _exact_storage(index: faiss.Index) -> faiss.Index | None:
+    """The part of ``index`` that holds raw float32 vectors; None for coded ones (PQ, SQ)."""
+    inner = index
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat):
+        return inner
+    if _is_ivf(index):
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        return ivf if isinstance(ivf, faiss.IndexIVFFlat) else None
+    return None
+
+
+def stores_exact_vectors(index: faiss.Index) -> bool:
+    """Whether ``stored_vector_chunks`` can read the index's vectors back exactly."""
+    return _exact_storage(index) is not None
+
+
+def stored_vector_chunks(
+    index: faiss.Index, chunk: int = VECTOR_CHUNK
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every (ids [n], vectors [n, d]) the index holds, a chunk at a time, as stored.
+
+    For flat, HNSW-flat and IVF-flat indexes (``stores_exact_vectors``); others raise
+    ValueError. Nothing is decoded or searched: a garbled vector comes back as it is.
+    """
+    storage = _exact_storage(index)
+    if storage is None:
+        raise ValueError(f"a {type(index).__name__} does not store its vectors exactly")
+    d = index.d
+    if isinstance(storage, faiss.IndexIVFFlat):
+        invlists = storage.invlists
+        for list_no in range(storage.nlist):
+            size = invlists.list_size(list_no)
+            if not size:
+                continue
+            ids_ptr = invlists.get_ids(list_no)
+            codes_ptr = invlists.get_codes(list_no)
+            try:
+                ids = faiss.rev_swig_ptr(ids_ptr, size).astype(np.int64)
+                codes = faiss.rev_swig_ptr(codes_ptr, size * invlists.code_size).copy()
+            finally:
+                invlists.release_ids(list_no, ids_ptr)
+                invlists.release_codes(list_no, codes_ptr)
+            yield ids, codes.view(np.float32).reshape(size, d)
+        return
+    ids_all = index_ids(index) if storage is not index else np.arange(index.ntotal)
+    for start in range(0, storage.ntotal, chunk):
+        n = min(chunk, storage.ntotal - start)
+        yield ids_all[start : start + n], storage.reconstruct_n(start, n)

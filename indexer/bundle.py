@@ -2,9 +2,10 @@
 
 A bundle is a folder holding
 
-* ``manifest.json``: format version, model identity, the catalog's location, each FAISS
-  index's file, factory string, search parameters and count, a generation number,
-  created/updated times;
+* ``manifest.json``: format version, the bundle's id, model identity, the catalog's
+  location, each FAISS index's file, factory string, search parameters, count and
+  sha256, a generation number, created/updated times; every field is validated on read
+  (``Manifest.from_json``), a bad one is a one-line BundleError naming it;
 * ``images.<generation>.faiss`` and ``captions.<generation>.faiss``: FAISS indexes whose
   ids are catalog ids;
 * ``catalog.sqlite`` (unless the catalog lives in another database).
@@ -13,17 +14,25 @@ Index files carry their generation in their name and are written before the mani
 that names them (temp file, fsync, ``os.replace``, fsync of the folder), so a reader
 always sees a manifest and index files of the same generation, even after a kill -9
 at any instant. Files of older generations are removed once a newer manifest is durable.
+Readers check each file's sha256 against the manifest on open, so a garbled vector is
+refused instead of scoring 1e38. The catalog records the bundle's id too: a catalog of
+another bundle (an explicit ``--db``) is refused (``check_catalog_owner``).
 The search side reads bundles only through this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,7 @@ from typing import Any
 import faiss
 import numpy as np
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from crossmodal.loading import ModelIdentity
@@ -46,6 +56,9 @@ from .catalog import (
     ImageTokens,
     Root,
     RunRow,
+    catalog_owner,
+    db_error_text,
+    normalize_url,
     open_engine,
     public_url,
     sqlite_url,
@@ -62,6 +75,13 @@ class BundleError(RuntimeError):
     """A bundle is missing, unreadable, inconsistent or built by another model."""
 
 
+METRICS = ("inner_product",)  # unit vectors: inner product is the cosine
+SEARCH_PARAMS = ("nprobe",)  # index fields the manifest may set at load
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+BUNDLE_ID_HEX = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
+HASH_CHUNK = 1 << 20  # bytes read at a time when hashing an index file
+
+
 @dataclass
 class IndexInfo:
     """One FAISS index of the bundle."""
@@ -71,6 +91,12 @@ class IndexInfo:
     metric: str = "inner_product"
     count: int = 0
     params: dict[str, Any] = field(default_factory=dict)  # e.g. {"nprobe": 16}
+    sha256: str | None = None  # of the file's bytes, recorded at publication
+
+
+def is_ivf_factory(factory: str) -> bool:
+    """Whether a FAISS factory string builds an inverted-file index (which has nprobe)."""
+    return any(part.strip().upper().startswith("IVF") for part in factory.split(","))
 
 
 @dataclass
@@ -87,6 +113,9 @@ class Manifest:
     roots: list[str] = field(default_factory=list)
     created_at: str = ""
     updated_at: str = ""
+    # Random id the bundle's catalog records too (see indexer.catalog.BUNDLE_ID_KEY);
+    # None in bundles written before ids, which adopt one at their next run.
+    bundle_id: str | None = None
 
     @property
     def identity(self) -> ModelIdentity:
@@ -99,19 +128,143 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
-        """Parse; raises BundleError on a malformed manifest."""
+        """Parse and validate every field; raises BundleError naming the first bad one."""
         try:
             data = json.loads(text)
-            data["indexes"] = {k: IndexInfo(**v) for k, v in data["indexes"].items()}
-            manifest = cls(**data)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise BundleError(f"malformed manifest: {exc}") from exc
-        if manifest.format_version > FORMAT_VERSION:
-            raise BundleError(
-                f"bundle format v{manifest.format_version} is newer than this xmodal "
-                f"(v{FORMAT_VERSION}); upgrade xmodal"
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise BundleError(f"malformed manifest: not JSON ({exc})") from exc
+        return _parse_manifest(data)
+
+
+class _Malformed(ValueError):
+    """A manifest field of the wrong type or out of range (becomes a BundleError)."""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(value: Any, name: str, minimum: int) -> int:
+    # bool is an int subclass: `true` is not a generation.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise _Malformed(f"{name} must be an integer >= {minimum}, got {_short(value)}")
+    return value
+
+
+def _text(value: Any, name: str, optional: bool = False, pattern: re.Pattern | None = None) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        kind = "a non-empty string" + (" or null" if optional else "")
+        raise _Malformed(f"{name} must be {kind}, got {_short(value)}")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _Malformed(f"{name} is not a valid value: {_short(value)}")
+    return value
+
+
+def _stamp(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise _Malformed(f"{name} must be a timestamp string, got {_short(value)}")
+    return value
+
+
+def _object(value: Any, name: str, known: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Malformed(f"{name} must be an object, got {_short(value)}")
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:
+        raise _Malformed(f"{name} has unknown fields: {', '.join(unknown)}")
+    return value
+
+
+_MODEL_FIELDS = ("name", "pretrained", "sha256", "embed_dim")
+
+
+def _parse_model(value: Any) -> dict[str, Any]:
+    d = _object(value, "model", _MODEL_FIELDS)
+    for key in ("name", "embed_dim"):
+        if key not in d:
+            raise _Malformed(f"model.{key} is missing")
+    return {
+        "name": _text(d["name"], "model.name"),
+        "pretrained": _text(d.get("pretrained"), "model.pretrained", optional=True),
+        "sha256": _text(d.get("sha256"), "model.sha256", optional=True, pattern=SHA256_HEX),
+        "embed_dim": _integer(d["embed_dim"], "model.embed_dim", 1),
+    }
+
+
+def _parse_index(kind: str, value: Any) -> IndexInfo:
+    where = f"indexes.{kind}"
+    d = _object(value, where, tuple(f.name for f in fields(IndexInfo)))
+    info = IndexInfo()
+    info.file = _text(d.get("file"), f"{where}.file", optional=True)
+    if info.file is not None and (
+        Path(info.file).name != info.file or info.file in (".", "..") or "\\" in info.file
+    ):
+        raise _Malformed(f"{where}.file must be a file name inside the bundle: {info.file!r}")
+    info.factory = _text(d.get("factory", info.factory), f"{where}.factory")
+    info.metric = _text(d.get("metric", info.metric), f"{where}.metric")
+    if info.metric not in METRICS:
+        raise _Malformed(f"{where}.metric must be one of {', '.join(METRICS)}: {info.metric!r}")
+    info.count = _integer(d.get("count", 0), f"{where}.count", 0)
+    if info.file is None and info.count:
+        raise _Malformed(f"{where} counts {info.count} vectors but names no file")
+    params = _object(d.get("params", {}), f"{where}.params", SEARCH_PARAMS)
+    nprobe = params.get("nprobe")
+    if nprobe is not None:
+        _integer(nprobe, f"{where}.params.nprobe", 1)
+        if not is_ivf_factory(info.factory):
+            raise _Malformed(
+                f"{where}.params.nprobe is set but {info.factory!r} has no inverted lists"
             )
-        return manifest
+    info.params = dict(params)
+    info.sha256 = _text(d.get("sha256"), f"{where}.sha256", optional=True, pattern=SHA256_HEX)
+    return info
+
+
+_MANIFEST_FIELDS = tuple(f.name for f in fields(Manifest))
+
+
+def _parse_manifest(data: Any) -> Manifest:
+    """A Manifest from parsed JSON, every field checked (one-line BundleError otherwise)."""
+    try:
+        if not isinstance(data, dict):
+            raise _Malformed(f"the manifest must be a JSON object, got {type(data).__name__}")
+        version = _integer(data.get("format_version", FORMAT_VERSION), "format_version", 1)
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format v{version} is newer than this xmodal (v{FORMAT_VERSION}); "
+                "upgrade xmodal"
+            )
+        _object(data, "the manifest", _MANIFEST_FIELDS)
+        if "model" not in data:
+            raise _Malformed("model is missing")
+        raw_indexes = _object(data.get("indexes", {}), "indexes", KINDS)
+        counts = data.get("counts", {})
+        if not isinstance(counts, dict):
+            raise _Malformed(f"counts must be an object, got {_short(counts)}")
+        roots = data.get("roots", [])
+        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+            raise _Malformed(f"roots must be a list of strings, got {_short(roots)}")
+        return Manifest(
+            model=_parse_model(data["model"]),
+            catalog_url=_text(data.get("catalog_url"), "catalog_url", optional=True),
+            generation=_integer(data.get("generation", 0), "generation", 0),
+            published_run=_integer(data.get("published_run", 0), "published_run", 0),
+            format_version=version,
+            # Every kind is present (an empty one unnamed) so readers need no default.
+            indexes={k: _parse_index(k, raw_indexes.get(k, {})) for k in KINDS},
+            counts={str(k): _integer(v, f"counts.{k}", 0) for k, v in counts.items()},
+            roots=list(roots),
+            created_at=_stamp(data.get("created_at", ""), "created_at"),
+            updated_at=_stamp(data.get("updated_at", ""), "updated_at"),
+            bundle_id=_text(
+                data.get("bundle_id"), "bundle_id", optional=True, pattern=BUNDLE_ID_HEX
+            ),
+        )
+    except _Malformed as exc:
+        raise BundleError(f"malformed manifest: {exc}") from exc
 
 
 def now_iso() -> str:
@@ -144,9 +297,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_index(index: faiss.Index, path: Path) -> None:
-    """Serialise a FAISS index atomically (faiss.write_index overwrites in place)."""
-    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+def write_index(index: faiss.Index, path: Path) -> str:
+    """Serialise a FAISS index atomically (faiss.write_index overwrites in place);
+    returns the sha256 of the bytes written, for the manifest."""
+    data = faiss.serialize_index(index).tobytes()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_index(path: Path) -> faiss.Index:
@@ -159,12 +324,75 @@ def read_index(path: Path) -> faiss.Index:
         raise BundleError(f"cannot read index {path}: {str(exc).splitlines()[0]}") from exc
 
 
+def index_file_intact(bundle: Path, info: IndexInfo) -> bool:
+    """Whether an index file still has the bytes the manifest recorded (True when the
+    manifest predates checksums: nothing to compare with)."""
+    if not info.file or not info.sha256:
+        return True
+    try:
+        return file_sha256(Path(bundle) / info.file) == info.sha256
+    except OSError:
+        return False
+
+
+def load_index(bundle: Path, info: IndexInfo, check_sha256: bool = True) -> faiss.Index | None:
+    """An index of the manifest, checked as every reader needs it: the file has the
+    recorded bytes (no garbled vector), holds the stated count, and takes its search
+    parameters. None when the manifest names no file (an empty index).
+
+    ``check_sha256`` False skips the bytes check (verify reports it on its own, then
+    looks inside the file for what is wrong)."""
+    if not info.file:
+        return None
+    path = Path(bundle) / info.file
+    if check_sha256 and path.is_file() and not index_file_intact(bundle, info):
+        raise BundleError(
+            f"{path} is damaged: its sha256 differs from the manifest's; "
+            f"re-run `xmodal index --bundle {bundle}` to rebuild it from the catalog"
+        )
+    index = read_index(path)
+    if index.ntotal != info.count:
+        raise BundleError(
+            f"{info.file} holds {index.ntotal} vectors but the manifest says "
+            f"{info.count}; run `xmodal verify --bundle {bundle}`"
+        )
+    nprobe = info.params.get("nprobe")
+    if nprobe:
+        try:
+            faiss.extract_index_ivf(index).nprobe = int(nprobe)
+        except RuntimeError as exc:
+            raise BundleError(
+                f"{info.file}: the manifest sets nprobe {nprobe}, but the index "
+                f"({type(index).__name__}) has no inverted lists"
+            ) from exc
+    return index
+
+
 def read_manifest(bundle: Path) -> Manifest:
-    """The manifest of the bundle at ``bundle``."""
+    """The manifest of the bundle at ``bundle``, validated (BundleError naming the file)."""
     path = Path(bundle) / MANIFEST
     if not path.is_file():
         raise BundleError(f"not an index bundle (no {MANIFEST}): {bundle}")
-    return Manifest.from_json(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: malformed manifest: not UTF-8 (byte {exc.start})") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return Manifest.from_json(text)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+
+
+def manifest_stamp(bundle: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime_ns) of the manifest file, None when it cannot be seen: every
+    publication replaces the file, so an unchanged stamp means nothing new."""
+    try:
+        st = os.stat(Path(bundle) / MANIFEST)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def write_manifest(bundle: Path, manifest: Manifest) -> None:
@@ -175,12 +403,57 @@ def write_manifest(bundle: Path, manifest: Manifest) -> None:
 
 
 def catalog_url(bundle: Path, manifest_url: str | None, override: str | None = None) -> str:
-    """Where the catalog lives: an explicit URL, the manifest's, or the bundle's SQLite."""
-    if override:
-        return override
-    if manifest_url:
-        return manifest_url
-    return sqlite_url(Path(bundle) / CATALOG_FILE)
+    """Where the catalog lives: an explicit URL, the manifest's, or the bundle's SQLite
+    (SQLite paths absolute; an in-memory catalog is a CatalogError)."""
+    return normalize_url(override or manifest_url or sqlite_url(Path(bundle) / CATALOG_FILE))
+
+
+def new_bundle_id() -> str:
+    """A random id for a new bundle (recorded in its manifest and its catalog)."""
+    return uuid.uuid4().hex
+
+
+def check_catalog_owner(
+    bundle: Path, manifest: Manifest, engine: Engine, override: str | None = None
+) -> None:
+    """Refuse a catalog that belongs to another bundle (BundleError naming both).
+
+    The catalog and the manifest record the same bundle id. Where either predates ids
+    (an old bundle, adopted at its next run), an explicit ``override`` URL must be the
+    one the manifest names (the bundle's own SQLite file when it names none).
+    """
+    owner, owner_path = catalog_owner(engine)
+    mine = manifest.bundle_id
+    shown = public_url(engine.url.render_as_string(hide_password=False))
+    if mine and owner and mine != owner:
+        where = f" at {owner_path}" if owner_path else ""
+        raise BundleError(
+            f"catalog {shown} belongs to another bundle (id {owner}{where}), not to "
+            f"{bundle} (id {mine}); give this bundle's own --db, or none"
+        )
+    if override and not (mine and owner):
+        expected = catalog_url(bundle, manifest.catalog_url)
+        if public_url(expected) != public_url(normalize_url(override)):
+            raise BundleError(
+                f"bundle {bundle} keeps its catalog at {public_url(expected)}, not {shown}"
+            )
+
+
+def catalog_read(fn: Callable) -> Callable:
+    """A Bundle lookup whose database errors (a damaged page, a lost server) become one
+    CatalogError naming the catalog, instead of a driver traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Bundle, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except SQLAlchemyError as exc:
+            raise CatalogError(
+                f"catalog {self.public_catalog_url()} cannot be read ({db_error_text(exc)}); "
+                f"run `xmodal verify --bundle {self.path}`"
+            ) from exc
+
+    return wrapper
 
 
 def index_file_name(kind: str, generation: int) -> str:
@@ -200,6 +473,15 @@ def remove_stale_index_files(bundle: Path, manifest: Manifest) -> list[str]:
                 path.unlink()
             removed.append(path.name)
     return removed
+
+
+def _run_report(text: str | None) -> dict[str, Any]:
+    """A run's stored report; a garbled one is shown as such (verify reports it)."""
+    try:
+        report = json.loads(text or "{}")
+    except (json.JSONDecodeError, TypeError):
+        return {"error": "the stored report is not readable JSON"}
+    return report if isinstance(report, dict) else {"error": "the stored report is not an object"}
 
 
 @dataclass
@@ -241,28 +523,24 @@ class Bundle:
         self.engine: Engine = open_engine(self.url, create=False)
         try:
             upgrade(self.engine)  # an older catalog is upgraded in place; a newer refused
+            check_catalog_owner(self.path, self.manifest, self.engine, db_url)
+            self.indexes: dict[str, faiss.Index | None] = {
+                kind: load_index(self.path, self.manifest.indexes.get(kind, IndexInfo()))
+                for kind in KINDS
+            }
         except CatalogError as exc:
             self.engine.dispose()
             raise BundleError(f"{self.path}: {exc}") from exc
-        self.indexes: dict[str, faiss.Index | None] = {}
-        self._lock = threading.Lock()
-        for kind in KINDS:
-            info = self.manifest.indexes.get(kind, IndexInfo())
-            self.indexes[kind] = self._load(kind, info)
-
-    def _load(self, kind: str, info: IndexInfo) -> faiss.Index | None:
-        if not info.file:
-            return None
-        index = read_index(self.path / info.file)
-        if index.ntotal != info.count:
+        except SQLAlchemyError as exc:  # e.g. a damaged page: "database disk image is malformed"
+            self.engine.dispose()
             raise BundleError(
-                f"{info.file} holds {index.ntotal} vectors but the manifest says "
-                f"{info.count}; run `xmodal verify --bundle {self.path}`"
-            )
-        nprobe = info.params.get("nprobe")
-        if nprobe:
-            faiss.extract_index_ivf(index).nprobe = int(nprobe)
-        return index
+                f"{self.path}: catalog {public_url(self.url)} cannot be read "
+                f"({db_error_text(exc)}); run `xmodal verify --bundle {self.path}`"
+            ) from exc
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self._lock = threading.Lock()
 
     @property
     def identity(self) -> ModelIdentity:
@@ -281,6 +559,7 @@ class Bundle:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         return index.search(q, min(k, index.ntotal))
 
+    @catalog_read
     def vectors(self, kind: str, ids: list[int]) -> np.ndarray:
         """Stored vectors of catalog ids (for 'more like this'); missing ids give zeros."""
         model = ImageRow if kind == "images" else CaptionRow
@@ -294,6 +573,7 @@ class Bundle:
                 out[i] = np.frombuffer(blob, np.float32)
         return out
 
+    @catalog_read
     def tokens(self, kind: str, ids: list[int]) -> dict[int, np.ndarray]:
         """Cached reranker token features ([L, W] float16) of images or captions by id.
 
@@ -309,6 +589,7 @@ class Bundle:
             ).all()
         return {int(r[0]): np.frombuffer(r[3], np.float16).reshape(r[1], r[2]) for r in rows}
 
+    @catalog_read
     def images(self, ids: list[int]) -> dict[int, ImageHit]:
         """Catalog facts of indexed images by id; ids not indexed (stale) are absent."""
         if not ids:
@@ -335,6 +616,7 @@ class Bundle:
                 )
             return out
 
+    @catalog_read
     def captions(self, ids: list[int]) -> dict[int, CaptionHit]:
         """Caption texts (and linked image ids) by id."""
         if not ids:
@@ -354,6 +636,7 @@ class Bundle:
                 links.setdefault(cid, []).append(iid)
         return {r.id: CaptionHit(r.id, r.text, r.source, links.get(r.id, [])) for r in rows}
 
+    @catalog_read
     def captions_of_image(self, image_id: int, limit: int = 50) -> list[CaptionHit]:
         """Captions linked to an image."""
         with Session(self.engine) as s:
@@ -366,6 +649,7 @@ class Bundle:
             ).all()
         return [CaptionHit(r.id, r.text, r.source, [image_id]) for r in rows]
 
+    @catalog_read
     def failures(self, limit: int | None = 20) -> list[dict[str, str]]:
         """Files that failed to index, with their reasons (most recent first)."""
         with Session(self.engine) as s:
@@ -382,11 +666,13 @@ class Bundle:
                 for root, rel, reason in s.execute(q).all()
             ]
 
+    @catalog_read
     def roots(self) -> list[bytes]:
         """Absolute paths (bytes) of the indexed roots."""
         with Session(self.engine) as s:
             return [r for (r,) in s.execute(select(Root.path)).all()]
 
+    @catalog_read
     def last_run(self) -> dict[str, Any] | None:
         """The latest indexing run and its report."""
         with Session(self.engine) as s:
@@ -398,7 +684,7 @@ class Bundle:
                 "status": run.status,
                 "started_at": run.started_at.isoformat(),
                 "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-                "report": json.loads(run.report or "{}"),
+                "report": _run_report(run.report),
             }
 
     def close(self) -> None:

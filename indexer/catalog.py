@@ -35,7 +35,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SCHEMA_VERSION = 3
@@ -44,6 +44,13 @@ INDEXED, FAILED, EXCLUDED = "indexed", "failed", "excluded"
 # A file that disappeared: its vector leaves the FAISS index at the next publication,
 # then the row is purged. Until then the published index may still hold its id.
 REMOVED = "removed"
+
+# Meta keys naming the bundle a catalog belongs to (its manifest's ``bundle_id``) and
+# where that bundle was last written from: `--db` pointing at another bundle's catalog
+# is refused instead of mixing two collections.
+BUNDLE_ID_KEY = "bundle_id"
+BUNDLE_PATH_KEY = "bundle_path"
+SQLITE_MEMORY = ("", ":memory:")  # SQLite database names that mean "in memory"
 
 
 class CatalogError(RuntimeError):
@@ -70,7 +77,7 @@ class Base(DeclarativeBase):
 
 
 class Meta(Base):
-    """Key/value facts about the catalog itself (schema version)."""
+    """Key/value facts about the catalog itself (schema version, owning bundle)."""
 
     __tablename__ = "xmodal_meta"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -261,9 +268,96 @@ def migrate(engine: Engine) -> int:
         return SCHEMA_VERSION
 
 
+def catalog_owner(engine: Engine) -> tuple[str | None, str | None]:
+    """(bundle id, bundle path) recorded in the catalog; (None, None) before any."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(Meta.__tablename__):
+            return None, None
+        rows = dict(
+            conn.execute(
+                select(Meta.key, Meta.value).where(Meta.key.in_([BUNDLE_ID_KEY, BUNDLE_PATH_KEY]))
+            ).all()
+        )
+    return rows.get(BUNDLE_ID_KEY), rows.get(BUNDLE_PATH_KEY)
+
+
+def set_catalog_owner(engine: Engine, bundle_id: str, bundle_path: str) -> None:
+    """Record which bundle the catalog belongs to (an existing different id is kept:
+    callers check ownership first)."""
+    with engine.begin() as conn:
+        have = dict(conn.execute(select(Meta.key, Meta.value)).all())
+        for key, value in ((BUNDLE_ID_KEY, bundle_id), (BUNDLE_PATH_KEY, bundle_path)):
+            if key not in have:
+                conn.execute(Meta.__table__.insert().values(key=key, value=value))
+            elif key == BUNDLE_PATH_KEY and have[key] != value:  # the bundle moved
+                conn.execute(Meta.__table__.update().where(Meta.key == key).values(value=value))
+
+
+INTEGRITY_LINES = 5  # problems `PRAGMA integrity_check` is asked to list at most
+
+
+def db_error_text(exc: BaseException) -> str:
+    """One line saying what the database driver reported (no SQL, no parameters)."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {lines[0] if lines else 'no details'}"
+
+
+def integrity_problems(engine: Engine) -> list[str]:
+    """What SQLite's own integrity check finds wrong with the file (none: [])."""
+    if engine.dialect.name != "sqlite":
+        return []
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text(f"PRAGMA integrity_check({INTEGRITY_LINES})")).all()
+    except SQLAlchemyError as exc:
+        return [db_error_text(exc)]
+    # One row may hold several lines ("*** in database main ***" first): one per finding.
+    found = [
+        line.strip()
+        for r in rows
+        for line in str(r[0]).splitlines()
+        if line.strip() and not line.startswith("***")
+    ]
+    return [] if found == ["ok"] else found
+
+
 def sqlite_url(path: Path) -> str:
     """SQLAlchemy URL of a SQLite file."""
     return f"sqlite:///{Path(path).resolve()}"
+
+
+def normalize_url(url: str) -> str:
+    """The catalog URL as it is stored and used: a SQLite file's path made absolute.
+
+    An in-memory SQLite catalog (``sqlite://``, ``sqlite:///:memory:``, ``mode=memory``)
+    is refused: it vanishes with the process while the manifest would point at it, and
+    a relative path would name another file from another working directory.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        # Only the scheme is shown: an unparsable URL may still hold a password.
+        scheme = str(url).split("://", 1)[0][:40]
+        raise CatalogError(
+            f"not a database URL: {scheme}://... (expected sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST/DB)"
+        ) from exc
+    if parsed.get_backend_name() != "sqlite":
+        return url
+    database = parsed.database or ""
+    in_memory = database in SQLITE_MEMORY or ":memory:" in database
+    if in_memory or parsed.query.get("mode") == "memory":
+        raise CatalogError(
+            f"{public_url(url)} is an in-memory database, gone when the process exits; "
+            "give a file (sqlite:///PATH) or a server URL"
+        )
+    if database.startswith("file:"):  # a SQLite URI: the caller spelled out what they want
+        return url
+    path = Path(database).expanduser()
+    if path.is_absolute():
+        return url
+    return parsed.set(database=str(path.resolve())).render_as_string(hide_password=False)
 
 
 def public_url(url: str) -> str:
@@ -277,6 +371,7 @@ def public_url(url: str) -> str:
 
 def open_engine(url: str, create: bool = True) -> Engine:
     """An engine for the catalog, with SQLite set to WAL and foreign keys on."""
+    url = normalize_url(url)
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database:
@@ -291,7 +386,7 @@ def open_engine(url: str, create: bool = True) -> Engine:
             pool_pre_ping=not is_sqlite,
         )
     except Exception as exc:
-        raise CatalogError(f"cannot open catalog {public_url(url)}: {exc}") from exc
+        raise CatalogError(f"cannot open catalog {public_url(url)}: {db_error_text(exc)}") from exc
     if is_sqlite:
 
         @event.listens_for(engine, "connect")
@@ -308,5 +403,7 @@ def open_engine(url: str, create: bool = True) -> Engine:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        raise CatalogError(f"cannot connect to catalog {public_url(url)}: {exc}") from exc
+        raise CatalogError(
+            f"cannot connect to catalog {public_url(url)}: {db_error_text(exc)}"
+        ) from exc
     return engine

@@ -4,7 +4,8 @@ Each worker reads a file, hashes its bytes, decodes it safely (crossmodal.images
 applies the model's preprocessing, so the parent only runs the model: decoding
 overlaps inference. A worker that takes longer than the time bound on one file (a
 hostile or pathological file) is killed and replaced, and that file fails with the
-reason; a worker that crashes likewise. Workers use one torch thread each.
+reason; a worker that crashes likewise. Workers use one torch thread each, ignore
+Ctrl-C (the parent stops them) and exit quietly when the parent is gone.
 
 Workers come from a fork server ('forkserver'): forking this process, whose OpenMP
 pool is running, could deadlock the child, and 'spawn' would re-import torch in
@@ -19,6 +20,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +53,11 @@ class Decoded:
     height: int | None = None
     format: str | None = None
     error: str | None = None
+    # What was read: the open file's size and mtime (it may have been replaced since the
+    # scan), so the catalog describes these bytes, not the ones the scan saw.
+    size: int | None = None
+    mtime_ns: int | None = None
+    unreadable: bool = False  # the OS refused to read it (permissions, I/O error)
 
 
 def content_hash(data: bytes) -> str:
@@ -63,22 +70,31 @@ def process_file(job: Job, preprocess: Callable | None, draft: tuple[int, int] |
     from crossmodal.images import ImageDecodeError, decode_image
 
     try:
-        size = os.stat(job.path).st_size
-        if size > MAX_FILE_BYTES:
-            return Decoded(job.key, error=f"file too large ({size:,} bytes)")
         with open(job.path, "rb") as f:
-            data = f.read()
+            # fstat of the open file, before reading: a file replaced or growing since
+            # then is stored with facts that differ from the next scan's, so it is looked
+            # at again, never taken as known with bytes we did not read.
+            st = os.fstat(f.fileno())
+            if st.st_size > MAX_FILE_BYTES:
+                return Decoded(
+                    job.key,
+                    error=f"file too large ({st.st_size:,} bytes)",
+                    size=st.st_size,
+                    mtime_ns=st.st_mtime_ns,
+                )
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        return Decoded(job.key, error=f"cannot read: {exc.strerror or exc}")
+        return Decoded(job.key, error=f"cannot read: {exc.strerror or exc}", unreadable=True)
+    read = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     digest = content_hash(data)
     if job.hash_only:
-        return Decoded(job.key, content_hash=digest)
+        return Decoded(job.key, content_hash=digest, **read)
     try:
         image, info = decode_image(data, draft=draft, with_info=True)
     except ImageDecodeError as exc:
-        return Decoded(job.key, content_hash=digest, error=str(exc))
+        return Decoded(job.key, content_hash=digest, error=str(exc), **read)
     except Exception as exc:  # a decoder bug must fail one file, not the run
-        return Decoded(job.key, content_hash=digest, error=f"decoder error: {exc!r}"[:300])
+        return Decoded(job.key, content_hash=digest, error=f"decoder error: {exc!r}"[:300], **read)
     pixels = None
     if preprocess is not None:
         pixels = preprocess(image).numpy().astype(np.float32, copy=False)
@@ -89,6 +105,7 @@ def process_file(job: Job, preprocess: Callable | None, draft: tuple[int, int] |
         width=info["width"],
         height=info["height"],
         format=info["format"],
+        **read,
     )
 
 
@@ -96,14 +113,18 @@ def _worker_main(conn: Connection, preprocess: Callable | None, draft: tuple | N
     import torch
 
     torch.set_num_threads(1)  # the parent's model owns the other cores
-    while True:
-        try:
+    # Ctrl-C reaches the whole process group: the parent handles it and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while True:
             job = conn.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        conn.send(process_file(job, preprocess, draft))
+            if job is None:
+                return
+            conn.send(process_file(job, preprocess, draft))
+    except (EOFError, OSError):
+        # The parent is gone (killed, or exited): nobody is left to answer, and a
+        # BrokenPipeError traceback on its terminal would only confuse.
+        return
 
 
 class _Worker:

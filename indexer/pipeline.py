@@ -1,5 +1,6 @@
 """`xmodal index`: the orchestrator from folders and caption files to a consistent bundle.
 
+0. Take the bundle's writer lock (``lock``): one indexing run per bundle at a time.
 1. Open (or create) the bundle and its catalog; refuse a bundle of another model.
 2. Walk each root; compare every file with the catalog: unchanged files (same size and
    mtime) cost nothing; changed ones are hashed first when the content may be known
@@ -16,6 +17,7 @@ Every file seen ends indexed, unchanged, failed (with its reason) or excluded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,15 +28,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from crossmodal.encoder import Encoder
 
 from .bundle import (
+    BundleError,
     Manifest,
     catalog_url,
+    check_catalog_owner,
+    new_bundle_id,
     read_manifest,
     write_manifest,
 )
@@ -44,16 +50,22 @@ from .catalog import (
     FAILED,
     INDEXED,
     REMOVED,
+    CatalogError,
     ImageRow,
     ImageTokens,
     Root,
     RunRow,
+    catalog_owner,
+    db_error_text,
     migrate,
+    normalize_url,
     open_engine,
     public_url,
+    set_catalog_owner,
     utcnow,
 )
 from .decode import Decoded, DecodePool, Job
+from .lock import BundleLock, LockHeld
 from .publish import PublishError, publish
 from .sources import CANDIDATE, Entry, walk
 from .tokens import TokenBudget, token_fields, tokens_of
@@ -107,6 +119,20 @@ def _vector_bytes(v: np.ndarray) -> bytes:
     return np.ascontiguousarray(v, dtype=np.float32).tobytes()
 
 
+def _held_by(rel: bytes, unreadable: set[bytes]) -> bytes | None:
+    """The unreadable entry (``rel`` itself or a folder above it) that hides ``rel``."""
+    if not unreadable:
+        return None
+    if b"." in unreadable:  # the root itself could not be listed
+        return b"."
+    parts = rel.split(b"/")
+    for n in range(1, len(parts) + 1):
+        prefix = b"/".join(parts[:n])
+        if prefix in unreadable:
+            return prefix
+    return None
+
+
 class Indexer:
     """One indexing run over a bundle."""
 
@@ -134,29 +160,57 @@ class Indexer:
                     f"(sha256 {str(self.encoder.identity.sha256)[:12]}). "
                     "Index into a new bundle, or load the bundle's model."
                 )
-            if self.opts.db_url and self.manifest.catalog_url not in (
-                None,
-                public_url(self.opts.db_url),
-            ):
-                raise IndexRunError(
-                    f"bundle {self.bundle} keeps its catalog at {self.manifest.catalog_url}, "
-                    f"not {public_url(self.opts.db_url)}"
-                )
-        url = catalog_url(
-            self.bundle, self.manifest.catalog_url if self.manifest else None, self.opts.db_url
-        )
+        # Absolute (a relative SQLite path names another file from another folder);
+        # an in-memory catalog is refused: it would vanish with this process.
+        db_url = normalize_url(self.opts.db_url) if self.opts.db_url else None
+        url = catalog_url(self.bundle, self.manifest.catalog_url if self.manifest else None, db_url)
         self.engine = open_engine(url)
-        migrate(self.engine)
+        try:
+            owner = self._claim_catalog(url, db_url)
+        except (IndexRunError, CatalogError, SQLAlchemyError) as exc:
+            self.engine.dispose()
+            if isinstance(exc, SQLAlchemyError):  # e.g. a damaged page
+                raise IndexRunError(
+                    f"catalog {public_url(url)} cannot be read ({db_error_text(exc)}); "
+                    f"run `xmodal verify --bundle {self.bundle}`"
+                ) from exc
+            raise
         if self.opts.cache_tokens:
             self.budget = TokenBudget(self.engine, self.opts.token_cache_mb, self.report.counts)
         if self.manifest is None:
             # A new bundle is valid (empty) from its first instant: a run killed before
-            # its first publication leaves a bundle that verifies and resumes.
+            # its first publication leaves a bundle that verifies and resumes. Over a
+            # catalog whose bundle folder is gone, it takes that catalog's id (recovery).
             self.manifest = Manifest(
                 model=self.encoder.identity.to_dict(),
-                catalog_url=public_url(self.opts.db_url) if self.opts.db_url else None,
+                catalog_url=public_url(db_url) if db_url else None,
+                bundle_id=owner or new_bundle_id(),
             )
             write_manifest(self.bundle, self.manifest)
+        elif self.manifest.bundle_id is None:  # a bundle from before ids adopts one now
+            self.manifest.bundle_id = owner or new_bundle_id()
+            write_manifest(self.bundle, self.manifest)
+        set_catalog_owner(self.engine, self.manifest.bundle_id, str(self.bundle.resolve()))
+
+    def _claim_catalog(self, url: str, db_url: str | None) -> str | None:
+        """Refuse another bundle's catalog before writing anything, then bring the schema
+        up to date; returns the bundle id the catalog records (None before ids)."""
+        owner, owner_path = catalog_owner(self.engine)
+        if self.manifest is not None:
+            try:  # --db naming another bundle's catalog
+                check_catalog_owner(self.bundle, self.manifest, self.engine, db_url)
+            except BundleError as exc:
+                raise IndexRunError(str(exc)) from exc
+        elif owner and owner_path and Path(owner_path) != self.bundle.resolve():
+            other = Path(owner_path)
+            with contextlib.suppress(BundleError):
+                if read_manifest(other).bundle_id == owner:  # that bundle still uses it
+                    raise IndexRunError(
+                        f"catalog {public_url(url)} belongs to the bundle {other} (id {owner}); "
+                        "index into that bundle, or give the new bundle a catalog of its own"
+                    )
+        migrate(self.engine)
+        return owner
 
     def _start_run(self) -> None:
         with Session(self.engine) as s, s.begin():
@@ -172,14 +226,23 @@ class Indexer:
             self.report.run_id = run.id
 
     def _finish_run(self, status: str) -> None:
-        with Session(self.engine) as s, s.begin():
-            s.execute(
-                update(RunRow)
-                .where(RunRow.id == self.report.run_id)
-                .values(
-                    status=status, finished_at=utcnow(), report=json.dumps(self.report.to_dict())
-                )
-            )
+        record = (
+            update(RunRow)
+            .where(RunRow.id == self.report.run_id)
+            .values(status=status, finished_at=utcnow(), report=json.dumps(self.report.to_dict()))
+        )
+        if status != "interrupted":
+            with Session(self.engine) as s, s.begin():
+                s.execute(record)
+            return
+        # A Ctrl+C can cut a catalog call short and leave its connection holding SQLite's
+        # write lock until the process exits: record the interruption if the catalog lets
+        # us at once, else leave it to the next run (which marks 'running' runs interrupted).
+        self.engine.dispose()
+        with contextlib.suppress(SQLAlchemyError), Session(self.engine) as s, s.begin():
+            if self.engine.dialect.name == "sqlite":
+                s.execute(text("PRAGMA busy_timeout = 1000"))
+            s.execute(record)
 
     # ------------------------------------------------------------------ images
 
@@ -196,7 +259,20 @@ class Indexer:
             raise IndexRunError(f"folder not found: {root} (is the drive mounted?)")
         if not root.is_dir():
             raise IndexRunError(f"not a folder: {root}")
-        return os.fsencode(root.resolve())
+        resolved = os.fsencode(root.resolve())
+        # A root we cannot list or enter is like an unmounted drive: walking it would see
+        # nothing (or only failures) and the run would publish it emptied. The run fails
+        # before touching anything, so every indexed file of it is kept.
+        try:
+            os.stat(os.path.join(resolved, b"."))  # entering needs the folder's x bit
+            with os.scandir(resolved):  # listing needs its r bit
+                pass
+        except OSError as exc:
+            raise IndexRunError(
+                f"cannot read folder {root}: {exc.strerror or exc}; nothing was changed "
+                "(its indexed files are kept); fix its permissions and re-run"
+            ) from exc
+        return resolved
 
     def index_images(self) -> None:
         """Walk every root and bring the catalog up to date with it."""
@@ -233,13 +309,23 @@ class Indexer:
             walk(root, roots, skip, lambda rel, size, mt: indexed_as_is.get(rel) == (size, mt))
         )
         present = {e.relpath for e in entries}
+        # What could not be read (a folder not listable, a file not stat-able) is a
+        # failure of this run, never a deletion: its rows, and those under it, are kept.
+        unreadable = {e.relpath for e in entries if e.unreadable}
+        held = {rel: _held_by(rel, unreadable) for rel in known if rel not in present}
+        held = {rel: by for rel, by in held.items() if by is not None}
+        kept_under = Counter(held.values())
         if not entries and known and not self.opts.allow_empty_roots:
             raise IndexRunError(
                 f"{root.decode(errors='replace')} is empty but the catalog holds {len(known)} "
                 "files from it; if it is unmounted, mount it. To really drop them, "
                 "re-run with --allow-empty."
             )
-        vanished = {rel: row for rel, row in known.items() if rel not in present}
+        vanished = {
+            rel: row for rel, row in known.items() if rel not in present and rel not in held
+        }
+        if kept := sum(1 for rel in held if known[rel].status == INDEXED):
+            counts["kept_unreadable"] += kept
         # Vectors of vanished files, by content: a rename or move reuses them.
         vanished_by_hash = {
             r.content_hash: r for r in vanished.values() if r.status == INDEXED and r.content_hash
@@ -256,7 +342,14 @@ class Indexer:
                     status = EXCLUDED if e.kind == "excluded" else FAILED
                     counts[status] += 1
                     if status == FAILED:
-                        self.report.failures.append((e.path.decode(errors="replace"), e.reason))
+                        reason = e.reason or ""
+                        if n := kept_under[e.relpath]:
+                            reason += f"; {n} files under it are kept as they were"
+                        elif e.unreadable and row is not None and row.status == INDEXED:
+                            reason += "; kept as indexed before"
+                        self.report.failures.append((e.path.decode(errors="replace"), reason))
+                    if e.unreadable and row is not None:
+                        continue  # the row (and vector) stays as it was: nothing was read
                     same = row is not None and (row.status, row.reason, row.size, row.mtime_ns) == (
                         status,
                         e.reason,
@@ -308,9 +401,12 @@ class Indexer:
         vector: bytes | None = None,
         tokens: np.ndarray | None = None,
     ) -> int:
+        # The facts of the bytes actually read, when a worker read them (the file may
+        # have been replaced since the scan); else the scan's.
+        read = decoded is not None and decoded.size is not None
         values: dict[str, Any] = {
-            "size": e.size,
-            "mtime_ns": e.mtime_ns,
+            "size": decoded.size if read else e.size,
+            "mtime_ns": decoded.mtime_ns if read else e.mtime_ns,
             "status": status,
             "reason": reason,
             "run_id": self.report.run_id,
@@ -400,6 +496,14 @@ class Indexer:
         def handle(d: Decoded, retry: list[Job]) -> None:
             e = by_key[d.key]
             row = known.get(e.relpath)
+            if d.error and d.unreadable and row is not None:
+                # Seen at the scan, unreadable now: a failure of this run, not new content.
+                counts[FAILED] += 1
+                self.report.failures.append(
+                    (e.path.decode(errors="replace"), f"{d.error}; kept as it was")
+                )
+                bar.update()
+                return
             if d.error:
                 with Session(self.engine) as s, s.begin():
                     self._upsert(s, root_id, e, row, FAILED, reason=d.error, decoded=d)
@@ -412,7 +516,11 @@ class Indexer:
                     s.execute(
                         update(ImageRow)
                         .where(ImageRow.id == row.id)
-                        .values(mtime_ns=e.mtime_ns, run_id=self.report.run_id)
+                        .values(
+                            size=d.size if d.size is not None else e.size,
+                            mtime_ns=d.mtime_ns if d.mtime_ns is not None else e.mtime_ns,
+                            run_id=self.report.run_id,
+                        )
                     )
                 counts["unchanged"] += 1
                 bar.update()
@@ -427,7 +535,8 @@ class Indexer:
                         .values(
                             relpath=e.relpath,
                             display=e.display,
-                            mtime_ns=e.mtime_ns,
+                            size=d.size if d.size is not None else e.size,
+                            mtime_ns=d.mtime_ns if d.mtime_ns is not None else e.mtime_ns,
                             run_id=self.report.run_id,
                         )
                     )
@@ -472,7 +581,16 @@ class Indexer:
             ).scalar()
             if src is None:
                 return False
-            copy = Decoded(d.key, d.content_hash, None, src.width, src.height, src.format)
+            copy = Decoded(
+                d.key,
+                d.content_hash,
+                None,
+                src.width,
+                src.height,
+                src.format,
+                size=d.size,
+                mtime_ns=d.mtime_ns,
+            )
             cached = s.get(ImageTokens, src.id)
             tokens = tokens_of(cached) if cached is not None else None
             self._upsert(
@@ -482,45 +600,89 @@ class Indexer:
 
     # ------------------------------------------------------------------ run
 
-    def run(self) -> RunReport:
-        """Do the whole run; the report is also stored with the run in the catalog."""
-        started = time.time()
-        self._open()
-        self._start_run()
+    def _writer_lock(self) -> BundleLock:
+        """Take the bundle's writer lock (and its PostgreSQL catalog's) before anything else.
+
+        The catalog URL is found as ``_open`` finds it; a manifest that cannot be read is
+        left for ``_open`` to report.
+        """
         try:
-            if self.opts.roots:
-                self.index_images()
-            if self.opts.captions:
-                index_captions(
-                    self.engine,
-                    self.encoder,
-                    self.opts.captions,
-                    self.report.run_id,
-                    self.report.counts,
-                    self.report.problems,
-                    self.budget,
-                    self.opts.progress,
-                )
-            assert self.manifest is not None
-            self.report.generation = publish(
-                self.engine,
-                self.bundle,
-                self.manifest,
-                self.encoder.dim,
-                self.report.run_id,
-                self.opts.index_factory,
-            )
-        except (CaptionFileError, PublishError) as exc:
-            self.report.seconds = time.time() - started
-            self._finish_run("failed")
-            raise IndexRunError(str(exc)) from exc
-        except BaseException:
-            self.report.seconds = time.time() - started
-            self._finish_run("failed")
-            raise
-        self.report.seconds = time.time() - started
-        self._finish_run("completed")
+            self.bundle.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IndexRunError(
+                f"cannot create bundle {self.bundle}: {exc.strerror or exc}"
+            ) from exc
+        manifest_url = None
+        if (self.bundle / "manifest.json").exists():
+            with contextlib.suppress(BundleError):
+                manifest_url = read_manifest(self.bundle).catalog_url
+        url = catalog_url(self.bundle, manifest_url, self.opts.db_url)
+        try:
+            return BundleLock(self.bundle, url).acquire()
+        except LockHeld as exc:
+            raise IndexRunError(
+                f"{exc}; wait for that run to finish (readers need no lock)"
+            ) from None
+        except OSError as exc:  # e.g. a read-only bundle folder
+            raise IndexRunError(
+                f"cannot lock bundle {self.bundle} for writing: {exc.strerror or exc}"
+            ) from exc
+
+    def run(self) -> RunReport:
+        """Do the whole run; the report is also stored with the run in the catalog.
+
+        The run holds the bundle's writer lock throughout: a second writer is refused
+        with an IndexRunError naming the holder's pid, before it touches the catalog.
+        """
+        started = time.time()
+        with self._writer_lock():
+            return self._run_locked(started)
+
+    def _run_locked(self, started: float) -> RunReport:
+        self._open()
+        try:
+            self._start_run()
+            status = "failed"
+            try:
+                self._index_and_publish()
+                status = "completed"
+            except (CaptionFileError, PublishError) as exc:
+                raise IndexRunError(str(exc)) from exc
+            except KeyboardInterrupt:
+                status = "interrupted"
+                raise
+            finally:
+                self.report.seconds = time.time() - started
+                self._finish_run(status)
+        finally:
+            # Closes the pool (SQLite then folds its WAL back): a run leaves no connection.
+            self.engine.dispose()
         return self.report
+
+    def _index_and_publish(self) -> None:
+        if self.opts.roots:
+            self.index_images()
+        if self.opts.captions:
+            index_captions(
+                self.engine,
+                self.encoder,
+                self.opts.captions,
+                self.report.run_id,
+                self.report.counts,
+                self.report.problems,
+                self.budget,
+                self.opts.progress,
+            )
+        assert self.manifest is not None
+        self.report.generation = publish(
+            self.engine,
+            self.bundle,
+            self.manifest,
+            self.encoder.dim,
+            self.report.run_id,
+            self.opts.index_factory,
+            self.report.counts,
+        )
 
 
 def run_index(encoder: Encoder, opts: IndexOptions) -> RunReport:

@@ -6,10 +6,14 @@ under the new generation's file name, and only then named by the manifest. A fil
 modified in place keeps its id: its row is marked ``vector_pending`` and its vector is
 removed and added again. Rows of files that disappeared are purged once no published
 index can hold their ids. A run that changed nothing publishes no new generation.
+
+An index type that cannot remove ids (HNSW) is rebuilt from the stored vectors when ids
+must leave it (see ``ann``); a later run that names no factory keeps a user-chosen one.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from . import ann
 from .bundle import (
     IndexInfo,
     Manifest,
+    index_file_intact,
     index_file_name,
     read_index,
     remove_stale_index_files,
@@ -77,30 +82,52 @@ def pending_ids(engine: Engine, model: type) -> np.ndarray:
     return _ids(engine, select(ImageRow.id).where(ImageRow.vector_pending))
 
 
+def _build(engine: Engine, model: type, want: np.ndarray, dim: int, factory: str) -> Any:
+    """An empty index of ``factory``, trained on a sample of the catalog's vectors."""
+    sample = want[
+        np.random.default_rng(0).permutation(len(want))[: ann.training_size(factory, len(want))]
+    ]
+    train = stored_vectors(engine, model, np.sort(sample), dim) if len(want) else None
+    try:
+        return ann.build(factory, dim, train)
+    except (ValueError, RuntimeError) as exc:
+        raise PublishError(f"cannot build a {factory!r} index: {exc}") from exc
+
+
 def sync_index(
-    engine: Engine, bundle: Path, info: IndexInfo, model: type, dim: int, factory: str | None
+    engine: Engine,
+    bundle: Path,
+    info: IndexInfo,
+    model: type,
+    dim: int,
+    factory: str | None,
+    counts: Counter | None = None,
+    kind: str = "",
 ) -> tuple[Any, str, dict[str, Any], bool]:
     """(index holding exactly the catalog's live vectors, its factory, search params,
-    whether it differs from the published one)."""
+    whether it differs from the published one).
+
+    An index that cannot remove ids is rebuilt when ids must leave it, counted as
+    ``{kind}_index_rebuilt`` in ``counts``.
+    """
     want = _live_ids(engine, model)
     # Keep the index while its type still fits; otherwise build anew (e.g. the
     # collection outgrew exact search, or an IVF's nlist no longer fits its size).
-    factory = factory or ann.choose_factory(len(want))
-    rebuilt = not (info.file and info.factory == factory)
-    if not rebuilt:
-        index = read_index(bundle / info.file)
-    else:
-        sample = want[
-            np.random.default_rng(0).permutation(len(want))[: ann.training_size(factory, len(want))]
-        ]
-        train = stored_vectors(engine, model, np.sort(sample), dim) if len(want) else None
-        try:
-            index = ann.build(factory, dim, train)
-        except (ValueError, RuntimeError) as exc:
-            raise PublishError(f"cannot build a {factory!r} index: {exc}") from exc
+    factory = factory or ann.keep_factory(info.factory if info.file else None, len(want))
+    # A damaged file (bytes differ from the manifest's sha256) is rebuilt from the catalog.
+    intact = index_file_intact(bundle, info)
+    published = info.file if info.factory == factory and intact else None
+    rebuilt = published is None
+    index = _build(engine, model, want, dim, factory) if rebuilt else read_index(bundle / published)
     have = ann.index_ids(index)
     # Gone from the catalog, or modified in place (same id, new vector): out, then in.
     out = np.union1d(np.setdiff1d(have, want), np.intersect1d(have, pending_ids(engine, model)))
+    if len(out) and not ann.supports_remove(index):
+        # HNSW and the like: rebuild from the stored vectors instead of removing.
+        index = _build(engine, model, want, dim, factory)
+        have, out, rebuilt = np.zeros(0, np.int64), np.zeros(0, np.int64), True
+        if counts is not None:
+            counts[f"{kind}_index_rebuilt"] += 1
     ann.remove(index, out)
     missing = np.setdiff1d(want, np.setdiff1d(have, out))
     for i in range(0, len(missing), 20_000):
@@ -141,15 +168,24 @@ def publish(
     dim: int,
     run_id: int,
     factory: str | None = None,
+    counts: Counter | None = None,
 ) -> int:
     """Write the next generation (indexes, then manifest); returns its number.
 
     A run that changed nothing (same vectors, counts and roots) writes no index and
     keeps the current generation, so serving processes do not reload for nothing.
+    ``counts`` (the run report's) gets a note of each index rebuilt to remove ids.
     """
     synced = {
         kind: sync_index(
-            engine, bundle, manifest.indexes.get(kind, IndexInfo()), model, dim, factory
+            engine,
+            bundle,
+            manifest.indexes.get(kind, IndexInfo()),
+            model,
+            dim,
+            factory,
+            counts,
+            kind,
         )
         for kind, model in (("images", ImageRow), ("captions", CaptionRow))
     }
@@ -159,9 +195,9 @@ def publish(
         generation = manifest.generation + 1
         for kind, (index, used, params, _) in synced.items():
             name = index_file_name(kind, generation)
-            write_index(index, bundle / name)
+            sha256 = write_index(index, bundle / name)
             manifest.indexes[kind] = IndexInfo(
-                file=name, factory=used, count=int(index.ntotal), params=params
+                file=name, factory=used, count=int(index.ntotal), params=params, sha256=sha256
             )
         manifest.counts, manifest.roots = counts, roots
         manifest.generation = generation

@@ -6,7 +6,9 @@ of the indexed roots. Formats are decided from the first bytes, not the extensio
 a file whose content is an allowlisted image format is a candidate; a file named like
 an image whose content is not becomes a failure (the user expects it indexed); any
 other file is excluded with its reason. Paths are kept as the OS's bytes, so
-non-UTF-8 names survive.
+non-UTF-8 names survive. What the OS refuses to show (a folder that cannot be listed or
+entered, a file that cannot be stat'ed or read) is a failure marked ``unreadable``, which
+the indexer never takes for a deletion.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class Entry:
     mtime_ns: int = 0
     format: str | None = None
     reason: str | None = None
+    # The OS refused to show it (permissions, I/O error): what the catalog knows of it,
+    # and of everything under it when it is a folder, is kept, not taken as deleted.
+    unreadable: bool = False
 
     @property
     def path(self) -> bytes:
@@ -105,6 +110,7 @@ def _classify(
             head = f.read(32)
     except OSError as exc:
         base.kind, base.reason = FAILED, f"cannot read: {exc.strerror or exc}"
+        base.unreadable = True
         return base
     fmt = sniff_format(head)
     if fmt is None or fmt not in allowed:
@@ -129,6 +135,10 @@ def walk(
 ) -> Iterator[Entry]:
     """Every file under ``root`` as an Entry (folder errors become failed entries).
 
+    A folder that cannot be listed or entered, and a file that cannot be stat'ed or
+    read, is a FAILED entry marked ``unreadable``: the caller keeps what it knew of it
+    (and of everything under its relpath) instead of taking it as deleted.
+
     ``roots`` are all indexed roots (symlinked files must resolve inside one of them);
     ``skip`` are folders never entered (the bundle itself, when it sits in a root);
     ``unchanged(relpath, size, mtime_ns)`` says a file is known as is, so it is not
@@ -150,7 +160,11 @@ def walk(
                 children = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             yield Entry(
-                root_b, rel_dir or b".", FAILED, reason=f"cannot list folder: {exc.strerror}"
+                root_b,
+                rel_dir or b".",
+                FAILED,
+                reason=f"cannot list folder: {exc.strerror or exc}",
+                unreadable=True,
             )
             continue
         for child in children:
@@ -180,7 +194,13 @@ def walk(
                         )
                         continue
                 st = os.stat(abs_path)
-            except OSError as exc:
-                yield Entry(root_b, rel, FAILED, reason=f"cannot stat: {exc.strerror or exc}")
+            except OSError as exc:  # may be a folder: its contents are unknown, not gone
+                yield Entry(
+                    root_b,
+                    rel,
+                    FAILED,
+                    reason=f"cannot stat: {exc.strerror or exc}",
+                    unreadable=True,
+                )
                 continue
             yield _classify(root_b, rel, st, allowed, unchanged)

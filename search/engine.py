@@ -3,13 +3,16 @@
 The engine opens a bundle (manifest, FAISS indexes, catalog), loads the model that
 built it (or checks that the one given is that model), encodes the query and asks
 FAISS. Results carry catalog facts; ids FAISS pads with (-1) and ids whose catalog row
-is gone or no longer indexed (stale) never reach the caller. Safe to call from
-several threads at once: FAISS CPU searches and torch inference share no mutable
-state, and the catalog is read through a connection pool.
+is gone or no longer indexed (stale) never reach the caller, nor do scores no cosine
+can have (a damaged stored vector): dual-encoder scores are always within [-1, 1].
+Safe to call from several threads at once: FAISS CPU searches and torch inference
+share no mutable state, and the catalog is read through a connection pool.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,9 +25,17 @@ from crossmodal.encoder import Encoder
 from crossmodal.errors import ModelError
 from crossmodal.loading import default_model_dir, load_model
 from crossmodal.registry import sha256_file
-from indexer.bundle import Bundle, BundleError, ImageHit, read_manifest
+from indexer.bundle import (
+    Bundle,
+    BundleError,
+    ImageHit,
+    manifest_stamp,
+    read_manifest,
+)
 
-from .rerank import Reranker, load_scorer
+from .rerank import Reranker, open_scorer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ImageHit", "ModelMismatchError", "QueryError", "Result", "SearchEngine"]
 
@@ -32,6 +43,9 @@ MAX_K = 1000
 MAX_RERANK_K = 200
 DEFAULT_RERANK_K = 32
 MAX_QUERY_CHARS = 1000
+# A cosine of unit vectors is in [-1, 1] up to float rounding; a FAISS score beyond this
+# slack comes from a damaged stored vector (1e38 from garbled bytes) and is dropped.
+COSINE_SLACK = 1e-3
 
 
 class QueryError(ValueError):
@@ -60,9 +74,14 @@ class Result:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def encoder_for_bundle(bundle: Bundle) -> Encoder:
-    """Load the model a bundle records: the built-in default when its weights match."""
-    identity = bundle.identity
+def encoder_for_bundle(bundle: Bundle | Path) -> Encoder:
+    """Load the model a bundle records: the built-in default when its weights match.
+
+    Given a bundle folder, only its manifest is read: `xmodal index` needs the model
+    of a bundle whose index files are damaged, to rebuild them.
+    """
+    path = bundle.path if isinstance(bundle, Bundle) else Path(bundle)
+    identity = bundle.identity if isinstance(bundle, Bundle) else read_manifest(path).identity
     default_weights = default_model_dir() / "open_clip_model.safetensors"
     if default_weights.is_file() and identity.sha256 == sha256_file(default_weights):
         return Encoder(load_model())
@@ -71,9 +90,7 @@ def encoder_for_bundle(bundle: Bundle) -> Encoder:
     if pretrained and pretrained.startswith("local-dir:"):
         return Encoder(load_model(pretrained))
     if pretrained is None:
-        raise ModelError(
-            f"bundle {bundle.path} was built with random weights of {name}; nothing to load"
-        )
+        raise ModelError(f"bundle {path} was built with random weights of {name}; nothing to load")
     return Encoder(load_model(name, pretrained))
 
 
@@ -89,6 +106,18 @@ def _below(head: list[Result], tail: list[Result]) -> list[Result]:
     floor = min((r.score for r in head), default=0.0) - 1.0
     top = tail[0].score
     return [replace(r, cosine=r.score, score=floor - (top - r.score)) for r in tail]
+
+
+def cosines(scores: np.ndarray, ids: np.ndarray) -> list[tuple[int, float]]:
+    """(id, cosine) of one FAISS result row: padding (-1) and impossible scores (not
+    finite, or beyond [-1, 1] by more than rounding) dropped, the rest clamped to [-1, 1]."""
+    out = []
+    for s, i in zip(scores, ids, strict=True):
+        score = float(s)
+        if i < 0 or not math.isfinite(score) or abs(score) > 1.0 + COSINE_SLACK:
+            continue
+        out.append((int(i), min(1.0, max(-1.0, score))))
+    return out
 
 
 def check_k(k: int) -> int:
@@ -117,7 +146,11 @@ class SearchEngine:
         db_url: str | None = None,
         rerank: bool | None = None,
     ) -> None:
-        """Open a bundle; ``rerank`` False skips loading the model's reranker."""
+        """Open a bundle; ``rerank`` False skips loading the model's reranker.
+
+        A reranker next to the model that cannot score its features (trained over other
+        weights, damaged files) is left out with a warning; ``rerank_problem`` says why.
+        """
         self.db_url = db_url
         self.bundle = Bundle(Path(bundle_path), db_url)
         self.encoder = encoder or encoder_for_bundle(self.bundle)
@@ -129,8 +162,18 @@ class SearchEngine:
                 f"loaded model is {loaded.name} (sha256 {str(loaded.sha256)[:12]}, dim "
                 f"{loaded.embed_dim}); their embeddings are not comparable"
             )
-        scorer = load_scorer(self.encoder) if rerank is not False else None
+        scorer, self.rerank_problem = (None, None)
+        if rerank is not False:
+            scorer, self.rerank_problem = open_scorer(self.encoder)
+        if self.rerank_problem:
+            # Dual-encoder search still works: disable the add-on rather than refuse.
+            log.warning("reranking disabled: %s", self.rerank_problem)
         self.reranker = Reranker(self.bundle, self.encoder, scorer) if scorer else None
+
+    def published_stamp(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the bundle's manifest file: unchanged means nothing new
+        was published (None when it cannot be seen)."""
+        return manifest_stamp(self.bundle.path)
 
     def refresh(self) -> bool:
         """Switch to a newer generation that `xmodal index` published since opening.
@@ -138,18 +181,17 @@ class SearchEngine:
         Requests in flight keep the bundle object they started with; later ones get the
         new one. The old bundle's connection pool is closed at once: connections that
         requests in flight hold stay usable and are discarded when given back, so none
-        linger until garbage collection. Returns True when it switched.
+        linger until garbage collection. Returns True when it switched, False when there
+        is nothing new; raises BundleError / CatalogError (and ModelMismatchError) when
+        the newest generation cannot be served, leaving the open one in service.
         """
-        try:
-            generation = read_manifest(self.bundle.path).generation
-        except BundleError:
-            return False
+        generation = read_manifest(self.bundle.path).generation
         if generation == self.bundle.manifest.generation:
             return False
         fresh = Bundle(self.bundle.path, self.db_url)
         if not fresh.identity.matches(self.encoder.identity):
             fresh.close()
-            return False
+            raise ModelMismatchError(f"generation {generation} was built by another model")
         old, self.bundle = self.bundle, fresh
         if self.reranker is not None:
             self.reranker.bundle = fresh
@@ -180,9 +222,9 @@ class SearchEngine:
         want = k + len(exclude) + 8
         scores, ids = self.bundle.search(kind, vector[None, :], want)
         pairs = [
-            (int(i), float(s))
-            for s, i in zip(scores[0], ids[0], strict=True)
-            if i >= 0 and int(i) not in exclude and (min_score is None or float(s) >= min_score)
+            (int(i), c)
+            for i, c in cosines(scores[0], ids[0])
+            if int(i) not in exclude and (min_score is None or c >= min_score)
         ]
         if kind == "images":
             facts = self.bundle.images([i for i, _ in pairs])
@@ -198,7 +240,10 @@ class SearchEngine:
 
     def _reranking(self, rerank: bool | None, rerank_k: int) -> bool:
         if rerank and self.reranker is None:
-            raise QueryError(f"model {self.encoder.identity.name} has no reranker")
+            name = self.encoder.identity.name
+            if self.rerank_problem:
+                raise QueryError(f"model {name} has no usable reranker: {self.rerank_problem}")
+            raise QueryError(f"model {name} has no reranker")
         if not isinstance(rerank_k, int) or not 1 <= rerank_k <= MAX_RERANK_K:
             raise QueryError(f"rerank_k must be an integer from 1 to {MAX_RERANK_K}")
         return self.reranker is not None and rerank is not False

@@ -9,6 +9,8 @@ cache, or are recomputed (image decoded again, caption re-encoded) when not cach
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -16,40 +18,104 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from crossmodal.coca_scorer import CocaScorer, is_coca
 from crossmodal.encoder import Encoder
 from crossmodal.images import ImageDecodeError, decode_image
-from crossmodal.reranker import CrossModalReranker, pad_tokens
+from crossmodal.reranker import CONFIG_FILE, CrossModalReranker, pad_tokens
 from indexer.bundle import Bundle
 
 TextQuery = tuple[np.ndarray, torch.Tensor, torch.Tensor]  # (emb [D], tokens [L, Dt], mask [L])
 
 
-def reranker_folder(encoder: Encoder) -> Path | None:
-    """``<model folder>/reranker`` when the encoder was loaded from a folder that has one."""
+log = logging.getLogger(__name__)
+
+Scorer = CrossModalReranker | CocaScorer
+# Identity fields a reranker records of the encoder it was trained over and that must be
+# the loaded encoder's (its path may differ: the same weights live in several folders).
+IDENTITY_FIELDS = ("name", "sha256", "embed_dim")
+# What loading a damaged reranker folder raises (safetensors' own error included).
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+
+
+def _folder(encoder: Encoder) -> Path | None:
+    """``<model folder>/reranker`` when the encoder came from a folder that has one."""
     pretrained = encoder.identity.pretrained or ""
     if not pretrained.startswith("local-dir:"):
         return None
     folder = Path(pretrained[len("local-dir:") :]) / "reranker"
-    return folder if (folder / "reranker_config.json").is_file() else None
+    return folder if (folder / CONFIG_FILE).is_file() else None
 
 
-def load_scorer(encoder: Encoder) -> CrossModalReranker | CocaScorer | None:
-    """The cross-attention scorer that goes with this encoder, if there is one."""
-    if is_coca(encoder):
-        return CocaScorer(encoder)
-    folder = reranker_folder(encoder)
+def reranker_mismatch(encoder: Encoder, folder: Path) -> str | None:
+    """Why the reranker in ``folder`` cannot score this encoder's features (None: it can).
+
+    Its config records the identity of the encoder it was trained over
+    (``xmodal train-reranker``); token features of other weights are another language.
+    A reranker that records none (older ones) is taken as it is.
+    """
+    try:
+        doc = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{folder / CONFIG_FILE} is unreadable ({exc.__class__.__name__})"
+    trained = doc.get("encoder") if isinstance(doc, dict) else None
+    if trained is None:
+        return None
+    if not isinstance(trained, dict):
+        return f"{folder / CONFIG_FILE} records no valid encoder identity"
+    loaded = encoder.identity.to_dict()
+    for key in IDENTITY_FIELDS:
+        if key in trained and trained[key] != loaded[key]:
+            shown = {k: str(v)[:12] if k == "sha256" else v for k, v in trained.items()}
+            return (
+                f"the reranker in {folder} was trained over encoder {shown.get('name')} "
+                f"(sha256 {shown.get('sha256')}, dim {shown.get('embed_dim')}), not the loaded "
+                f"{loaded['name']} (sha256 {str(loaded['sha256'])[:12]}, dim "
+                f"{loaded['embed_dim']})"
+            )
+    return None
+
+
+def reranker_folder(encoder: Encoder) -> Path | None:
+    """``<model folder>/reranker`` when the encoder was loaded from a folder that has one
+    trained over these weights; a reranker of other weights is skipped with a warning."""
+    folder = _folder(encoder)
     if folder is None:
         return None
-    model, doc = CrossModalReranker.load(folder)
-    trained_on = doc.get("encoder", {}).get("sha256")
-    if trained_on and trained_on != encoder.identity.sha256:
-        raise ValueError(
-            f"reranker in {folder} was trained over other encoder weights "
-            f"(sha256 {trained_on[:12]}, loaded {str(encoder.identity.sha256)[:12]})"
-        )
-    return model
+    problem = reranker_mismatch(encoder, folder)
+    if problem:
+        log.warning("reranking disabled: %s", problem)
+        return None
+    return folder
+
+
+def open_scorer(encoder: Encoder) -> tuple[Scorer | None, str | None]:
+    """(scorer, None); (None, None) when the model has no reranker; (None, why) when
+    the one next to it cannot be used (trained over other weights, damaged files)."""
+    if is_coca(encoder):
+        return CocaScorer(encoder), None
+    folder = _folder(encoder)
+    if folder is None:
+        return None, None
+    problem = reranker_mismatch(encoder, folder)
+    if problem:
+        return None, problem
+    try:
+        model, _ = CrossModalReranker.load(folder)
+    except LOAD_ERRORS as exc:
+        first = str(exc).strip().splitlines()
+        return None, f"the reranker in {folder} cannot be loaded ({first[0] if first else exc!r})"
+    return model, None
+
+
+def load_scorer(encoder: Encoder) -> Scorer | None:
+    """The cross-attention scorer that goes with this encoder, if there is a usable one
+    (an unusable one is reported as a warning and left out: search stays dual-encoder)."""
+    scorer, problem = open_scorer(encoder)
+    if problem:
+        log.warning("reranking disabled: %s", problem)
+    return scorer
 
 
 def fusion_weight(scorer: Any) -> float:
