@@ -5,6 +5,11 @@ the file name. Decompression bombs are refused: Pillow's pixel limit stays on an
 warning is raised as an error. EXIF orientation is applied, and CMYK, palette, 16-bit,
 grey and alpha images are converted to RGB deliberately (alpha composited on white).
 Animated images give their first frame.
+
+Query uploads (``decode_upload``) are decoded small: baseline JPEG at a reduced DCT scale
+(``Image.draft``), everything else only when its declared size is within
+``MAX_UPLOAD_PIXELS``, since Pillow cannot decode PNG, WebP, GIF, BMP, TIFF, HEIF or
+progressive JPEG below full size (a 10 KB PNG may declare 9000x9000: 440 MB to decode).
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _HEIF_FORMATS: tuple[str, ...] = ("HEIF", "AVIF")
 MAX_PIXELS: int = 89_478_485  # Pillow's default limit, stated here on purpose
+# Uploads that must be decoded at full size: 4096x4096 is about 70 MB of pixels at most.
+MAX_UPLOAD_PIXELS: int = 4096 * 4096
+# Uploads are decoded and kept at no less than this on their short side: model inputs are
+# 224 px (up to 448 for the largest open_clip towers), so the ranking does not change.
+QUERY_SIDE: int = 512
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not grey pixels
 
@@ -70,6 +80,7 @@ def decode_image(
     max_pixels: int = MAX_PIXELS,
     draft: tuple[int, int] | None = None,
     with_info: bool = False,
+    max_full_pixels: int | None = None,
 ) -> Any:
     """Open, verify and fully decode an image into an RGB PIL image.
 
@@ -77,6 +88,8 @@ def decode_image(
     decode at a reduced scale that still covers that size: several times faster for
     photos far larger than the model's input. With ``with_info`` returns
     ``(image, {"format", "width", "height"})`` where the size is the full, upright one.
+    ``max_full_pixels`` refuses images above that many pixels unless ``draft`` can reduce
+    them (baseline JPEG): what a server needs to bound the memory of one decode.
     Raises ImageDecodeError (bad data, disallowed format, bomb) or OSError (unreadable).
     """
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
@@ -90,6 +103,13 @@ def decode_image(
                     raise ImageDecodeError(
                         f"image too large: {width}x{height} pixels exceeds the "
                         f"{max_pixels:,}-pixel limit (decompression bomb guard)"
+                    )
+                full_size = not (draft and _draftable(img))
+                if max_full_pixels is not None and full_size and width * height > max_full_pixels:
+                    raise ImageDecodeError(
+                        f"image too large to search with: {width}x{height} {img.format} is "
+                        f"{width * height:,} pixels, more than the {max_full_pixels:,} decoded "
+                        "at full size; send a smaller image or a baseline JPEG"
                     )
                 info = {"format": img.format, "width": width, "height": height}
                 if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
@@ -116,6 +136,31 @@ def decode_image(
                 raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
             raise
     return (rgb, info) if with_info else rgb
+
+
+def _draftable(img: Image.Image) -> bool:
+    """Whether ``draft`` decodes this image below full size, in time and in memory."""
+    # Progressive JPEG keeps every DCT coefficient at full size (about 3 bytes a pixel)
+    # even when it decodes at 1/8 scale.
+    progressive = "progressive" in img.info or "progression" in img.info
+    return img.format == "JPEG" and not progressive
+
+
+def decode_upload(
+    data: bytes, side: int = QUERY_SIDE, max_full_pixels: int = MAX_UPLOAD_PIXELS
+) -> Image.Image:
+    """Decode uploaded query bytes small: at least ``side`` px on the short side, no more.
+
+    Baseline JPEG decodes at a reduced DCT scale (up to ``MAX_PIXELS`` declared); other
+    images are refused above ``max_full_pixels`` (ImageDecodeError naming the size), and
+    a decoded image far larger than ``side`` is reduced at once so requests in flight
+    hold little memory.
+    """
+    img = decode_image(data, draft=(side, side), max_full_pixels=max_full_pixels)
+    factor = min(img.size) // side
+    if factor >= 2:
+        img = img.reduce(factor)
+    return img
 
 
 def struct_error() -> type[Exception]:

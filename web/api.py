@@ -1,16 +1,20 @@
 """The JSON API (`/api`): search both ways, image facts and files, stats, health.
 
-Every bad parameter is a 400 with a message naming it; unknown ids are 404; uploads
-over the size limit are 413; errors are JSON objects ``{"error": "..."}``.
+Every bad parameter is a 400 with a message naming it; unknown ids (and numbers no
+catalog id can be) are 404; uploads over the size limit are 413; errors are JSON objects
+``{"error": "...", "status": N}``. HEAD answers every GET route, without the body.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import zlib
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
-from werkzeug.exceptions import HTTPException
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from crossmodal.images import ImageDecodeError
 from search.engine import DEFAULT_RERANK_K, MAX_RERANK_K, QueryError
@@ -80,6 +84,32 @@ def k_param() -> int:
     return int_param("k", current_app.config["DEFAULT_K"], 1, current_app.config["API_MAX_K"])
 
 
+def upload_limit_message(max_upload_bytes: int) -> str:
+    """What a 413 says, here and from the HTTP server in front (web/server.py)."""
+    return (
+        f"the upload is larger than the {max_upload_bytes / 2**20:g} MiB limit "
+        f"({max_upload_bytes:,} bytes for the image file)"
+    )
+
+
+def read_upload(upload: FileStorage) -> bytes:
+    """The uploaded file's bytes: 400 when empty, 413 above MAX_UPLOAD_BYTES."""
+    cap = current_app.config["MAX_UPLOAD_BYTES"]
+    data = upload.read(cap + 1)
+    if not data:
+        raise BadParameter("the uploaded image is empty")
+    if len(data) > cap:
+        raise RequestEntityTooLarge(upload_limit_message(cap))
+    return data
+
+
+def http_error_message(exc: HTTPException) -> str:
+    """The message of an HTTP error; a body over Flask's cap names the upload limit."""
+    if isinstance(exc, RequestEntityTooLarge) and exc.description == type(exc).description:
+        return upload_limit_message(current_app.config["MAX_UPLOAD_BYTES"])
+    return exc.description or exc.name
+
+
 def error(status: int, message: str) -> tuple[Response, int]:
     """A JSON error response."""
     return jsonify(error=message, status=status), status
@@ -99,7 +129,7 @@ def _missing(exc: Exception) -> tuple[Response, int]:
 
 @bp.errorhandler(HTTPException)
 def _http(exc: HTTPException) -> tuple[Response, int]:
-    return error(exc.code or 500, exc.description or exc.name)
+    return error(exc.code or 500, http_error_message(exc))
 
 
 def results_json(query: Any, results: list) -> Response:
@@ -127,27 +157,25 @@ def search_image() -> Response:
     k = k_param()
     min_score = float_param("min_score")
     rerank, rerank_k = rerank_params()
-    data = upload.read()
-    if not data:
-        raise BadParameter("the uploaded image is empty")
+    data = read_upload(upload)
     results = service().image_query(data, target, k, min_score, rerank, rerank_k)
     return results_json({"image": upload.filename or "upload", "target": target}, results)
 
 
-@bp.get("/images/<int:image_id>")
+@bp.get("/images/<id:image_id>")
 def image_info(image_id: int) -> Response:
     """An image's path, metadata and linked captions."""
     return jsonify(service().image_details(image_id))
 
 
-@bp.get("/images/<int:image_id>/similar")
+@bp.get("/images/<id:image_id>/similar")
 def image_similar(image_id: int) -> Response:
     """'More like this': images nearest to an indexed image."""
     service().image(image_id)
     return results_json({"image_id": image_id}, service().similar(image_id, k_param()))
 
 
-@bp.get("/images/<int:image_id>/thumbnail")
+@bp.get("/images/<id:image_id>/thumbnail")
 def image_thumbnail(image_id: int) -> Response:
     """A small WebP of the image (cached on disk)."""
     response = send_file(service().thumbnail(image_id), mimetype="image/webp", max_age=86400)
@@ -167,12 +195,29 @@ _MIMETYPES = {
 }
 
 
-@bp.get("/images/<int:image_id>/file")
+@bp.get("/images/<id:image_id>/file")
 def image_file(image_id: int) -> Response:
     """The original file, by catalog id only, and only from inside the indexed folders."""
     path, hit = service().safe_path(image_id)
     mimetype = _MIMETYPES.get(hit.format or "", "application/octet-stream")
-    return send_file(path, mimetype=mimetype, conditional=True, max_age=3600)
+    st = os.stat(path)
+    # Werkzeug's own ETag encodes the path as UTF-8, which undecodable names cannot be.
+    etag = f"{st.st_mtime}-{st.st_size}-{zlib.adler32(os.fsencode(path)) & 0xFFFFFFFF}"
+    return send_file(
+        path,
+        mimetype=mimetype,
+        conditional=True,
+        etag=etag,
+        max_age=3600,
+        download_name=download_name(path, image_id),
+    )
+
+
+def download_name(path: str, image_id: int) -> str:
+    """The file name for Content-Disposition: control characters (a newline would be an
+    invalid header) and undecodable bytes (surrogates) become '_'."""
+    name = "".join(ch if ch.isprintable() else "_" for ch in os.path.basename(path))
+    return name.strip() or f"image-{image_id}"
 
 
 @bp.get("/stats")
@@ -190,6 +235,7 @@ def health() -> Response:
         generation=svc.bundle.manifest.generation,
         model=svc.engine.encoder.identity.name,
         reranker=svc.engine.reranker.name if svc.can_rerank else None,
+        refresh_problem=svc.refresh_problem,
     )
 
 

@@ -54,7 +54,7 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
         "name": "image_id",
         "in": "path",
         "required": True,
-        "schema": {"type": "integer", "minimum": 1},
+        "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
     }
     not_found = _error("No indexed image with that id, or its file cannot be served.")
     return {
@@ -119,7 +119,10 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
                     "responses": {
                         "200": _json("Results"),
                         "400": _error("Missing or undecodable image, or a bad parameter."),
-                        "413": _error("The upload is larger than the server accepts."),
+                        "413": _error(
+                            "The image file is larger than the server's upload limit "
+                            "(xmodal serve --max-upload-mb; a file of exactly the limit passes)."
+                        ),
                     },
                 }
             },
@@ -177,7 +180,11 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "Up",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Health"}
+                                }
+                            },
                         }
                     },
                 }
@@ -223,6 +230,22 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
                         "results": {
                             "type": "array",
                             "items": {"$ref": "#/components/schemas/Result"},
+                        },
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status", "generation"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["ok"]},
+                        "generation": {"type": "integer", "description": "being served"},
+                        "model": {"type": "string"},
+                        "reranker": {"type": "string", "nullable": True},
+                        "refresh_problem": {
+                            "type": "string",
+                            "nullable": True,
+                            "description": "why a newer published manifest is not served "
+                            "(the last good generation stays in service)",
                         },
                     },
                 },

@@ -8,12 +8,12 @@ the same form. Every value from users or files goes through Jinja's autoescaping
 from __future__ import annotations
 
 from flask import Blueprint, Response, render_template, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from crossmodal.images import ImageDecodeError
 from search.engine import QueryError
 
-from .api import BadParameter, float_param, int_param
+from .api import BadParameter, float_param, http_error_message, int_param, read_upload
 from .security import check_csrf
 from .service import NotServable
 from .service import current_service as service
@@ -55,27 +55,29 @@ def search() -> tuple[str, int] | str:
 @bp.route("/image", methods=["GET", "POST"])
 def image_search() -> tuple[str, int] | str:
     """Search by image: upload by picker, drag-and-drop or paste."""
-    if request.method == "GET":
+    if request.method != "POST":  # GET, and HEAD (the same without the body)
         return render_template("image.html", captions=None, images=None)
     check_csrf()
     upload = request.files.get("image")
     try:
         if upload is None or (not upload.filename and not upload.content_length):
             raise BadParameter("choose an image to search with")
-        data = upload.read()
-        if not data:
-            raise BadParameter("the uploaded image is empty")
+        data = read_upload(upload)
         k = _k()
-        captions = service().image_query(data, "captions", min(k, 10))
-        images = service().image_query(data, "images", k)
+        image = service().decode_upload(data)  # once, for both searches
+        captions = service().image_query(image, "captions", min(k, 10))
+        images = service().image_query(image, "images", k)
     except (BadParameter, ImageDecodeError) as exc:
         return render_template("image.html", captions=None, images=None, error=str(exc)), 400
+    except RequestEntityTooLarge as exc:
+        message = http_error_message(exc)
+        return render_template("image.html", captions=None, images=None, error=message), 413
     return render_template(
         "image.html", captions=captions, images=images, filename=upload.filename or "upload"
     )
 
 
-@bp.get("/images/<int:image_id>")
+@bp.get("/images/<id:image_id>")
 def detail(image_id: int) -> tuple[str, int] | str:
     """One image: the picture, its path and metadata, captions, more like this."""
     try:
@@ -98,7 +100,7 @@ def http_error(exc: HTTPException) -> Response | tuple:
     from flask import jsonify
 
     code = exc.code or 500
-    message = exc.description or exc.name
+    message = http_error_message(exc)
     if request.path.startswith("/api/") or request.path == "/api":
         return jsonify(error=message, status=code), code
     return render_template("error.html", code=code, message=message), code

@@ -4,12 +4,19 @@ The bundle and the model are loaded once per process. Repeated text queries hit 
 LRU cache of text embeddings; thumbnails are made once and kept on disk; image files
 are served only by catalog id, and only when their real path (symlinks resolved)
 lies inside an indexed root.
+
+A re-index while serving publishes a new generation, which the service picks up; a
+manifest that cannot be loaded leaves the last good generation in service and is
+logged once (and shown by ``/api/health``) until the manifest changes again.
+Uploads are decoded small (``decode_upload``) and at most ``UPLOAD_DECODE_SLOTS`` at a
+time, so a few clients sending large pictures cannot take the server's memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import tempfile
 import threading
@@ -21,11 +28,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from crossmodal.images import ImageDecodeError, decode_image
+from crossmodal.images import ImageDecodeError, decode_image, decode_upload
 from search.engine import DEFAULT_RERANK_K, ImageHit, Result, SearchEngine, check_text
 from search.status import bundle_status
 
+from . import MAX_CATALOG_ID, REFRESH_EVERY_S, UPLOAD_DECODE_SLOTS
+
 THUMBNAIL_SIZE = 256
+
+log = logging.getLogger(__name__)
 
 
 class NotServable(LookupError):
@@ -69,7 +80,12 @@ class SearchService:
     """Everything a request needs: engine, caches, safe file access."""
 
     def __init__(
-        self, engine: SearchEngine, thumbnail_dir: Path | None = None, cache_size: int = 2048
+        self,
+        engine: SearchEngine,
+        thumbnail_dir: Path | None = None,
+        cache_size: int = 2048,
+        decode_slots: int = UPLOAD_DECODE_SLOTS,
+        refresh_every_s: float = REFRESH_EVERY_S,
     ) -> None:
         self.engine = engine
         self.text_cache = EmbeddingCache(cache_size)
@@ -77,23 +93,54 @@ class SearchService:
         self._roots = [os.path.realpath(r) for r in engine.bundle.roots()]
         self._checked = time.monotonic()
         self._refresh_lock = threading.Lock()
+        self.refresh_every_s = refresh_every_s
+        # The manifest file as last checked (inode, size, mtime): unchanged means nothing new.
+        self._manifest_seen = engine.published_stamp()
+        self.refresh_problem: str | None = None  # why the newest manifest is not served
+        self._decode_slots = threading.BoundedSemaphore(decode_slots)
 
     @property
     def bundle(self):  # type: ignore[no-untyped-def]
         """The bundle generation being served."""
         return self.engine.bundle
 
-    def maybe_refresh(self, every_s: float = 2.0) -> None:
-        """At most every few seconds, pick up a generation published since start-up."""
+    def maybe_refresh(self, every_s: float | None = None) -> None:
+        """At most every few seconds, pick up a generation published since start-up.
+
+        Never raises: a manifest that cannot be loaded keeps the last good generation in
+        service; the problem is logged once and kept in ``refresh_problem`` until the
+        manifest file changes (publishing writes a new file, so the next run is seen).
+        """
+        every = self.refresh_every_s if every_s is None else every_s
         now = time.monotonic()
-        if now - self._checked < every_s or not self._refresh_lock.acquire(blocking=False):
+        if now - self._checked < every or not self._refresh_lock.acquire(blocking=False):
             return
         try:
             self._checked = now
-            if self.engine.refresh():
-                self._roots = [os.path.realpath(r) for r in self.engine.bundle.roots()]
+            stamp = self.engine.published_stamp()
+            if stamp == self._manifest_seen:
+                return
+            self._manifest_seen = stamp
+            problem = self._refresh()
+            if problem and problem != self.refresh_problem:
+                log.warning("%s", problem)
+            self.refresh_problem = problem
         finally:
             self._refresh_lock.release()
+
+    def _refresh(self) -> str | None:
+        """Switch to the published generation; a one-line problem when it cannot be served."""
+        served = self.engine.bundle.manifest.generation
+        keeping = f"keeping generation {served} of {self.engine.bundle.path} in service"
+        # Any failure at all is caught: requests must go on being answered from the
+        # generation already open, which stays intact (a reload opens a new Bundle beside it).
+        try:
+            if self.engine.refresh():
+                self._roots = [os.path.realpath(r) for r in self.engine.bundle.roots()]
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return f"cannot serve the new bundle generation ({first}); {keeping}"
+        return None
 
     # ------------------------------------------------------------------ search
 
@@ -123,17 +170,22 @@ class SearchService:
         query = self.text_query(q)
         return self.engine.text_to_images(q, k, min_score, rerank, rerank_k, query=query)
 
+    def decode_upload(self, data: bytes) -> Image.Image:
+        """Decode uploaded bytes small and safely; at most ``decode_slots`` at a time."""
+        with self._decode_slots:
+            return decode_upload(data)
+
     def image_query(
         self,
-        data: bytes,
+        data: bytes | Image.Image,
         target: str,
         k: int,
         min_score: float | None = None,
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
     ) -> list[Result]:
-        """Images or captions for uploaded image bytes (decoded safely, kept in memory)."""
-        image = decode_image(data)
+        """Images or captions for an upload: its bytes, or what ``decode_upload`` made."""
+        image = self.decode_upload(data) if isinstance(data, bytes) else data
         if target == "captions":
             return self.engine.image_to_captions(image, k, min_score, rerank, rerank_k)
         return self.engine.image_to_images(image, k, min_score)
@@ -146,6 +198,8 @@ class SearchService:
 
     def image(self, image_id: int) -> ImageHit:
         """Catalog facts of an indexed image, or NotServable."""
+        if not 0 < image_id <= MAX_CATALOG_ID:  # SQLite would raise OverflowError
+            raise NotServable(f"no indexed image with id {image_id}")
         hit = self.bundle.images([image_id]).get(image_id)
         if hit is None:
             raise NotServable(f"no indexed image with id {image_id}")
@@ -182,7 +236,7 @@ class SearchService:
     def thumbnail(self, image_id: int) -> Path:
         """A WebP thumbnail, made once and cached on disk by content hash."""
         path, hit = self.safe_path(image_id)
-        digest = hit.content_hash or hashlib.sha256(path.encode()).hexdigest()
+        digest = hit.content_hash or hashlib.sha256(os.fsencode(path)).hexdigest()
         target = self.thumbnail_dir / digest[:2] / f"{digest}-{THUMBNAIL_SIZE}.webp"
         if target.is_file():
             return target
