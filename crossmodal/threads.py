@@ -10,7 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 
-import torch
+# torch is imported inside the functions: the CLI reads THREADS_ENV and MAX_THREADS
+# while it starts, before any heavy import (a Ctrl+C then still ends cleanly).
+
+THREADS_ENV = "XMODAL_THREADS"
+MAX_THREADS = 256
 
 _configured: int | None = None
 
@@ -29,6 +33,8 @@ def configure_threads(n: int | None = None) -> int:
     ``None`` means every available core. Returns the count in force. Torch refuses to
     change inter-op threads once work has run, so that part is attempted only once.
     """
+    import torch
+
     global _configured
     n = default_threads() if n is None else max(1, int(n))
     torch.set_num_threads(n)
@@ -53,6 +59,8 @@ def ensure_threads_configured() -> int:
 
 def thread_settings() -> dict[str, int | str | None]:
     """What is in force now, for benchmarks and ``xmodal info``."""
+    import torch
+
     info: dict[str, int | str | None] = {
         "torch_intra_op": torch.get_num_threads(),
         "torch_inter_op": torch.get_num_interop_threads(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,15 +11,64 @@ from typing import Any
 
 import click
 
-from .options import friendly_errors, load_encoder, model_options
+from .options import (
+    FiniteFloat,
+    env_note,
+    friendly_errors,
+    load_encoder,
+    model_options,
+    printable,
+)
+
+DB_ENV = "XMODAL_DB"
+
+
+def _db_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A parseable SQLAlchemy URL, or None (the bundle's SQLite catalog)."""
+    if not value:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(value)
+    except ArgumentError:
+        raise click.BadParameter(
+            f"not a database URL{env_note(ctx, param)}: {value!r} (expected e.g. "
+            "sqlite:////path/catalog.sqlite or postgresql+psycopg://user@host/dbname)",
+            ctx,
+            param,
+        ) from None
+    return value
+
+
+def _caption_files(
+    ctx: click.Context, param: click.Parameter, value: tuple[Path, ...]
+) -> tuple[Path, ...]:
+    """Caption files of a known type that are regular files within the size limit.
+
+    Checked before the run starts (cheap, nothing read): a FIFO or ``/dev/zero`` given
+    as a corpus then fails at once instead of after the images are indexed.
+    """
+    from crossmodal.errors import DataError
+    from indexer.captions import check_caption_file
+
+    for path in value:
+        try:
+            check_caption_file(path)
+        except DataError as exc:
+            raise click.BadParameter(printable(str(exc)), ctx, param) from None
+    return value
 
 
 def _bundle_option(fn: Callable) -> Callable:
     fn = click.option(
         "--db",
         "db_url",
-        default=lambda: os.environ.get("XMODAL_DB"),
-        help="Catalog database URL (default: SQLite inside the bundle; env XMODAL_DB).",
+        envvar=DB_ENV,
+        default=None,
+        callback=_db_url,
+        help=f"Catalog database URL (default: SQLite inside the bundle; env {DB_ENV}).",
     )(fn)
     return click.option(
         "--bundle",
@@ -56,6 +104,7 @@ def _bundle_errors(fn: Callable) -> Callable:
     "caption_files",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    callback=_caption_files,
     help="Caption corpus (CSV/TSV with a 'caption' column, JSONL, TXT); repeatable.",
 )
 @model_options
@@ -69,7 +118,7 @@ def _bundle_errors(fn: Callable) -> Callable:
 @click.option(
     "--timeout",
     "timeout_s",
-    type=click.FloatRange(0.1),
+    type=FiniteFloat(0.1),
     default=30.0,
     show_default=True,
     help="Seconds one file may take to decode before it is failed.",
@@ -114,7 +163,6 @@ def index(
 ) -> None:
     """Index photo folders and caption files into a bundle (incremental)."""
     from crossmodal.threads import default_threads
-    from indexer.bundle import read_manifest
     from indexer.pipeline import IndexOptions, run_index
     from search.engine import encoder_for_bundle
     from search.rerank import reranker_folder
@@ -123,11 +171,9 @@ def index(
         raise click.UsageError("give folders to index and/or --captions files")
     if model_name or pretrained or not (bundle / "manifest.json").exists():
         encoder = load_encoder(model_name, pretrained)
-    else:  # an existing bundle: its own model
-        from indexer.bundle import Bundle
-
-        read_manifest(bundle)
-        encoder = encoder_for_bundle(Bundle(bundle, db_url))
+    else:  # an existing bundle: its own model (read from the manifest alone, so a
+        # damaged index file does not stop the run that rebuilds it)
+        encoder = encoder_for_bundle(bundle)
     opts = IndexOptions(
         bundle=bundle,
         roots=list(paths),
@@ -163,12 +209,15 @@ def index(
                 f"{c['caption_links']} linked to images, {c['caption_rows_skipped']} skipped"
             )
         for path, reason in report.failures[:50]:
-            click.echo(f"failed: {path}: {reason}")
+            click.echo(f"failed: {printable(str(path))}: {printable(str(reason))}")
         if len(report.failures) > 50:
             click.echo(f"... and {len(report.failures) - 50} more (xmodal info --failures)")
         for problem in report.problems[:50]:
-            click.echo(f"skipped: {problem}")
-        click.echo(f"bundle {bundle}: generation {report.generation}, {report.seconds:.1f} s")
+            click.echo(f"skipped: {printable(problem)}")
+        click.echo(
+            f"bundle {printable(str(bundle))}: generation {report.generation}, "
+            f"{report.seconds:.1f} s"
+        )
     if max_failures is not None and c["failed"] > max_failures:
         raise click.ClickException(
             f"{c['failed']} files failed, more than --max-failures {max_failures}"
@@ -186,7 +235,7 @@ def index(
     help="What to find (default: images for text, images for --image).",
 )
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--min-score", type=float, default=None, help="Minimum dual-encoder cosine.")
+@click.option("--min-score", type=FiniteFloat(), default=None, help="Minimum dual-encoder cosine.")
 @click.option(
     "--rerank/--no-rerank",
     default=None,
@@ -210,15 +259,23 @@ def search(
     as_json: bool,
 ) -> None:
     """Search a bundle with text or with an image."""
-    from crossmodal.images import decode_image
+    from crossmodal.images import ImageDecodeError, decode_image
+    from indexer.captions import read_regular_file
+    from indexer.decode import MAX_FILE_BYTES
     from search.engine import SearchEngine
 
     if (query is None) == (image is None):
         raise click.UsageError("give either a QUERY text or --image FILE")
+    # Read (a regular file, bounded: a FIFO would block) before loading the model.
+    data = None if image is None else read_regular_file(image, MAX_FILE_BYTES, "image")
     engine = SearchEngine(bundle, db_url=db_url, rerank=rerank)
     target = target or "images"
     if image is not None:
-        picture = decode_image(image)
+        assert data is not None
+        try:
+            picture = decode_image(data)
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"{image}: {exc}") from exc
         label: str = str(image)
         if target == "captions":
             results = engine.image_to_captions(picture, k, min_score, rerank, rerank_k)
@@ -236,7 +293,9 @@ def search(
     if not results:
         click.echo("no results")
     for r in results:
-        click.echo(f"{r.score:7.4f}  {r.path if r.path is not None else r.caption}")
+        # One result, one line: a newline in a file name or caption must not forge another.
+        shown = r.path if r.path is not None else r.caption or ""
+        click.echo(f"{r.score:7.4f}  {printable(shown)}")
 
 
 @click.command()
@@ -271,7 +330,7 @@ def info(bundle: Path, db_url: str | None, show_failures: bool, as_json: bool) -
     if run:
         click.echo(f"last run    #{run['id']} {run['status']} {run['started_at']}")
     for f in status["failures"]:
-        click.echo(f"failed      {f['path']}: {f['reason']}")
+        click.echo(f"failed      {printable(str(f['path']))}: {printable(str(f['reason']))}")
 
 
 @click.command()
@@ -287,7 +346,30 @@ def verify(
     pretrained: str | None,
     as_json: bool,
 ) -> None:
-    """Check a bundle: FAISS ids vs catalog ids, counts, manifest, model identity."""
+    """Check that a bundle's parts agree; exit 1 and list each problem found.
+
+    \b
+    Checks, in order:
+    - the manifest is UTF-8 JSON and every field has its type and range
+      (model identity, index entries, search parameters, counts)
+    - the model given with --model/--pretrained is the one that built the bundle
+    - the catalog opens, its schema version is known, and it belongs to this bundle
+      (same bundle id as the manifest)
+    - SQLite's integrity check finds no damaged page in the catalog file
+    - each index file named by the manifest exists, loads, has the sha256 recorded at
+      publication, holds the stated count and the model's dimension, and takes its
+      search parameters (nprobe)
+    - every vector in the index files is finite and of unit length
+    - FAISS ids and catalog ids (indexed rows with vectors) are the same set, without
+      duplicates
+    - on a sample, exact indexes hold the catalog's own vectors
+    - every vector in the catalog has the model's dimension, is finite and of unit
+      length, and every indexed image has one
+    - token caches have one width per kind, rows of the right size, and only indexed
+      owners
+    - the manifest's counts match the catalog's
+    - every run's stored report is JSON; unfinished runs and stray index files are noted
+    """
     from indexer.verify import verify_bundle
 
     identity = None
@@ -311,10 +393,18 @@ def verify(
         sys.exit(1)
 
 
+# Server limits (waitress), chosen on purpose; web/server.py says why.
+CONNECTION_LIMIT = 500  # open connections; each is a file descriptor (1024 usual per process)
+CHANNEL_TIMEOUT_S = 30  # a connection silent this long (mid-request or idle) is closed
+CLEANUP_INTERVAL_S = 5  # how often silent connections are looked for
+
+
 @click.command()
 @_bundle_option
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=5000, show_default=True, help="0: any free."
+)
 @click.option(
     "--threads",
     "server_threads",
@@ -322,7 +412,32 @@ def verify(
     default=None,
     help="Request threads (default: one per core; each runs the model on one core).",
 )
-@click.option("--max-upload-mb", type=click.FloatRange(0.1, 1024), default=16.0, show_default=True)
+@click.option(
+    "--max-upload-mb",
+    type=click.FloatRange(0.1, 1024),
+    default=16.0,
+    show_default=True,
+    help="Largest image file a search may upload (a file of exactly this size passes); "
+    "larger ones get a 413, JSON under /api.",
+)
+@click.option(
+    "--connection-limit",
+    type=click.IntRange(10, 10_000),
+    default=CONNECTION_LIMIT,
+    show_default=True,
+    help="Open connections at most; more wait to be accepted. Keep it under the "
+    "process's file descriptor limit (ulimit -n).",
+)
+@click.option(
+    "--channel-timeout",
+    "channel_timeout_s",
+    type=click.IntRange(1, 3600),
+    default=CHANNEL_TIMEOUT_S,
+    show_default=True,
+    help="Seconds a connection may stay silent (a half-sent request, an idle keep-alive) "
+    "before it is closed. Slow clients that keep sending a byte now and then are not "
+    "caught: on an untrusted network put a reverse proxy in front.",
+)
 @friendly_errors
 @_bundle_errors
 def serve(
@@ -332,33 +447,42 @@ def serve(
     port: int,
     server_threads: int | None,
     max_upload_mb: float,
+    connection_limit: int,
+    channel_timeout_s: int,
 ) -> None:
-    """Serve the web pages and JSON API with a production WSGI server (waitress)."""
-    import waitress
+    """Serve the web pages and JSON API with a production WSGI server (waitress).
+
+    A slow client holds one of --connection-limit connections for at most
+    --channel-timeout seconds of silence; uploads are capped by --max-upload-mb and
+    decoded small, a few at a time.
+    """
+    import logging
 
     from crossmodal.threads import configure_threads, default_threads
     from web import create_app
+    from web.server import make_server
 
     threads = server_threads or default_threads()
     # Each request thread runs torch and FAISS on one core: N requests in parallel
     # instead of N pools fighting over the same cores.
     configure_threads(1)
     app = create_app(
-        {"BUNDLE": bundle, "DB_URL": db_url, "MAX_CONTENT_LENGTH": int(max_upload_mb * 2**20)}
+        {"BUNDLE": bundle, "DB_URL": db_url, "MAX_UPLOAD_BYTES": int(max_upload_mb * 2**20)}
     )
-    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
-    click.echo(f"serving {bundle} on http://{shown}:{port}/  ({threads} threads; Ctrl+C stops)")
-    waitress.serve(
+    server = make_server(
         app,
         host=host,
         port=port,
         threads=threads,
-        ident="xmodal",
-        # Bodies up to 4x the upload cap reach the app, which answers 413 in JSON;
-        # larger ones waitress itself refuses before buffering them.
-        max_request_body_size=int(max_upload_mb * 2**20) * 4 + 2**20,
-        clear_untrusted_proxy_headers=True,
+        connection_limit=connection_limit,
+        channel_timeout_s=channel_timeout_s,
+        cleanup_interval_s=CLEANUP_INTERVAL_S,
     )
+    logging.basicConfig()  # the app's warnings (a manifest it cannot load) reach stderr
+    port = getattr(server, "effective_port", port)
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    click.echo(f"serving {bundle} on http://{shown}:{port}/  ({threads} threads; Ctrl+C stops)")
+    server.run()
 
 
 COMMANDS = [index, search, info, verify, serve]

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .options import friendly_errors, load_encoder, model_options
+from .options import FiniteFloat, friendly_errors, load_encoder, model_options
 
 
 @click.command("demo-corpus")
@@ -52,8 +52,8 @@ def demo_corpus(
 @click.option("--lock-image", is_flag=True, help="Freeze the image tower.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(2), default=256, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True)
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=FiniteFloat(0), default=0.05, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--limit-images", type=click.IntRange(1), default=None, help="Quick runs.")
@@ -91,7 +91,7 @@ def train(**kwargs: Any) -> None:
 @click.option("--captions-per-image", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=28, show_default=True)
 @click.option("--batch-size", type=click.IntRange(2), default=256, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--layers", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--width", type=click.IntRange(16), default=128, show_default=True)
 @click.option("--rerank-k", type=click.IntRange(1, 200), default=32, show_default=True)
@@ -103,7 +103,7 @@ def train(**kwargs: Any) -> None:
 )
 @click.option(
     "--listwise",
-    type=click.FloatRange(0),
+    type=FiniteFloat(0),
     default=1.0,
     show_default=True,
     help="Weight of a listwise loss beside ITM (each caption's image ranked against "
