@@ -134,6 +134,29 @@ class BundleLock:
         self.release()
 
 
+def writer_pid(bundle: Path) -> int | None:
+    """The pid of a run holding the bundle's writer lock now, else None.
+
+    It lets a command refuse early, before loading a model; the run itself still takes
+    the lock. Only a file naming a pid (a run holds it, or one was killed) is probed,
+    with a shared lock dropped at once, so a writer starting meanwhile is rarely crossed.
+    """
+    try:
+        fd = os.open(Path(bundle) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: never indexed, or not readable; the run decides
+    try:
+        pid = _read_pid(fd)
+        if pid is None:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return pid
+    finally:
+        os.close(fd)  # also drops the probe's own shared lock
+    return None
+
+
 def _is_postgres(url: str) -> bool:
     """Whether ``url`` names a PostgreSQL database (a malformed URL is left to the catalog)."""
     try:
@@ -151,4 +174,4 @@ def _app_name() -> str:
     return f"{_APP_NAME_PREFIX}{os.getpid()}"
 
 
-__all__ = ["LOCK_FILE", "BundleLock", "LockHeld"]
+__all__ = ["LOCK_FILE", "BundleLock", "LockHeld", "writer_pid"]

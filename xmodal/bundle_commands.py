@@ -163,12 +163,17 @@ def index(
 ) -> None:
     """Index photo folders and caption files into a bundle (incremental)."""
     from crossmodal.threads import default_threads
+    from indexer.lock import writer_pid
     from indexer.pipeline import IndexOptions, run_index
     from search.engine import encoder_for_bundle
     from search.rerank import reranker_folder
 
     if not paths and not caption_files:
         raise click.UsageError("give folders to index and/or --captions files")
+    if (holder := writer_pid(bundle)) is not None:  # refuse before loading a model
+        raise click.ClickException(
+            f"bundle {bundle} is being indexed by pid {holder}; wait for that run to finish"
+        )
     if model_name or pretrained or not (bundle / "manifest.json").exists():
         encoder = load_encoder(model_name, pretrained)
     else:  # an existing bundle: its own model (read from the manifest alone, so a
