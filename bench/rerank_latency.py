@@ -17,10 +17,9 @@ import random
 import time
 
 import numpy as np
-
-from crossmodal.corpus import CorpusSpec, captions, plan_splits, render
-from crossmodal.threads import configure_threads, thread_settings
-from search.engine import SearchEngine
+from xmodal.crossmodal.corpus import CorpusSpec, captions, plan_splits, render
+from xmodal.crossmodal.threads import configure_threads, thread_settings
+from xmodal.search.engine import SearchEngine
 
 
 def main() -> None:

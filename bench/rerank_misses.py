@@ -20,16 +20,15 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
-from crossmodal.corpus import HELD_OUT
-from crossmodal.counterfactual import demo_images, scene_difference
-from crossmodal.encoder import Encoder
-from crossmodal.pairs import read_pairs
-from crossmodal.rerank_eval import fusion_weight, pair_logits
-from crossmodal.rerank_train import features_for
-from crossmodal.reranker import CrossModalReranker
-from crossmodal.threads import configure_threads
-from search.rerank import load_scorer
+from xmodal.crossmodal.corpus import HELD_OUT
+from xmodal.crossmodal.counterfactual import demo_images, scene_difference
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.pairs import read_pairs
+from xmodal.crossmodal.rerank_eval import fusion_weight, pair_logits
+from xmodal.crossmodal.rerank_train import features_for
+from xmodal.crossmodal.reranker import CrossModalReranker
+from xmodal.crossmodal.threads import configure_threads
+from xmodal.search.rerank import load_scorer
 
 
 def main() -> None:

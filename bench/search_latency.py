@@ -18,12 +18,11 @@ import time
 
 import faiss
 import numpy as np
-
-from crossmodal.encoder import Encoder
-from crossmodal.pairs import read_pairs
-from crossmodal.threads import configure_threads, thread_settings
-from indexer import ann
-from search.evaluate import embed_pairs
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.pairs import read_pairs
+from xmodal.crossmodal.threads import configure_threads, thread_settings
+from xmodal.indexer import ann
+from xmodal.search.evaluate import embed_pairs
 
 
 def base_embeddings(pairs_file: str) -> tuple[np.ndarray, np.ndarray]:

@@ -31,12 +31,11 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
-
-from crossmodal.corpus import CorpusSpec, captions, plan_splits
-from crossmodal.encoder import Encoder
-from indexer.bundle import Bundle
-from indexer.catalog import INDEXED, ImageRow
-from indexer.pipeline import IndexOptions, run_index
+from xmodal.crossmodal.corpus import CorpusSpec, captions, plan_splits
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.indexer.bundle import Bundle
+from xmodal.indexer.catalog import INDEXED, ImageRow
+from xmodal.indexer.pipeline import IndexOptions, run_index
 
 
 def grow(src: Path, dst: Path, total: int) -> None:

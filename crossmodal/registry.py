@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import importlib.resources
 import json
 import os
 import tempfile
@@ -23,9 +24,10 @@ from typing import Any
 
 from .errors import IntegrityError, ModelError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-# The built-in default model: config + weights trained by `xmodal train` (see its README).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "xmodal-shapes"
+CONFIG_DIR = Path(str(importlib.resources.files("xmodal.crossmodal") / "model_configs"))
+# The built-in default model: config + weights trained by `xmodal train` (see its README),
+# package data of xmodal.models (installed as plain files, so a Path is safe).
+DEFAULT_MODEL_DIR = Path(str(importlib.resources.files("xmodal.models") / "xmodal-shapes"))
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,7 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-
-from crossmodal.loading import ModelIdentity
+from xmodal.crossmodal.loading import ModelIdentity
 
 from .catalog import (
     FAILED,

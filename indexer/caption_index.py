@@ -15,8 +15,7 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
-
-from crossmodal.encoder import Encoder
+from xmodal.crossmodal.encoder import Encoder
 
 from .captions import CaptionRecord, read_caption_file
 from .catalog import INDEXED, CaptionLink, CaptionRow, CaptionTokens, ImageRow, Root

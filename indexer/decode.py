@@ -67,7 +67,7 @@ def content_hash(data: bytes) -> str:
 
 def process_file(job: Job, preprocess: Callable | None, draft: tuple[int, int] | None) -> Decoded:
     """Read, hash, decode and preprocess one file (runs in a worker)."""
-    from crossmodal.images import ImageDecodeError, decode_image
+    from xmodal.crossmodal.images import ImageDecodeError, decode_image
 
     try:
         with open(job.path, "rb") as f:
@@ -175,7 +175,9 @@ class DecodePool:
         # deadlock on, unlike fork) that has already imported the decoding code, so
         # they start in milliseconds instead of re-importing torch (spawn).
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["indexer.decode", "torch", "torchvision.transforms"])
+        self.ctx.set_forkserver_preload(
+            ["xmodal.indexer.decode", "torch", "torchvision.transforms"]
+        )
         self.workers: list[_Worker] = []
         self.killed = 0
 

@@ -32,8 +32,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
-
-from crossmodal.encoder import Encoder
+from xmodal.crossmodal.encoder import Encoder
 
 from .bundle import (
     BundleError,

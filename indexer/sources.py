@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossmodal.images import allowed_formats
+from xmodal.crossmodal.images import allowed_formats
 
 IMAGE_SUFFIXES = frozenset(
     {

@@ -17,8 +17,7 @@ import numpy as np
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-
-from crossmodal.loading import ModelIdentity
+from xmodal.crossmodal.loading import ModelIdentity
 
 from . import ann
 from .bundle import (

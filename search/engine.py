@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from crossmodal.encoder import Encoder
-from crossmodal.errors import ModelError
-from crossmodal.loading import default_model_dir, load_model
-from crossmodal.registry import sha256_file
-from indexer.bundle import (
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.errors import ModelError
+from xmodal.crossmodal.loading import default_model_dir, load_model
+from xmodal.crossmodal.registry import sha256_file
+from xmodal.indexer.bundle import (
     Bundle,
     BundleError,
     ImageHit,

@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
-
-from crossmodal.encoder import Encoder
-from crossmodal.errors import ModelError
-from crossmodal.images import ImageDecodeError, decode_image
-from crossmodal.metrics import retrieval_recall
-from crossmodal.pairs import PairSet, read_pairs
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.errors import ModelError
+from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.crossmodal.metrics import retrieval_recall
+from xmodal.crossmodal.pairs import PairSet, read_pairs
 
 
 def _decoded(encoder: Encoder, paths: list[Path], workers: int) -> Iterator[torch.Tensor | str]:
@@ -102,9 +101,9 @@ def evaluate_reranked(
 ) -> dict[str, Any]:
     """Recall after reranking the dual top-k (top level), dual-only recall ("dual"), and
     compositional 2-way accuracy, as ``xmodal eval --rerank --json`` prints them."""
-    from crossmodal.negatives import swap_kind
-    from crossmodal.rerank_eval import compositional_accuracy, fusion_weight, reranked_recall
-    from crossmodal.rerank_train import compositional_set, features_for
+    from xmodal.crossmodal.negatives import swap_kind
+    from xmodal.crossmodal.rerank_eval import compositional_accuracy, fusion_weight, reranked_recall
+    from xmodal.crossmodal.rerank_train import compositional_set, features_for
 
     from .rerank import load_scorer
 

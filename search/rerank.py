@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-
-from crossmodal.coca_scorer import CocaScorer, is_coca
-from crossmodal.encoder import Encoder
-from crossmodal.images import ImageDecodeError, decode_image
-from crossmodal.reranker import CONFIG_FILE, CrossModalReranker, pad_tokens
-from indexer.bundle import Bundle
+from xmodal.crossmodal.coca_scorer import CocaScorer, is_coca
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.crossmodal.reranker import CONFIG_FILE, CrossModalReranker, pad_tokens
+from xmodal.indexer.bundle import Bundle
 
 TextQuery = tuple[np.ndarray, torch.Tensor, torch.Tensor]  # (emb [D], tokens [L, Dt], mask [L])
 

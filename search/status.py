@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from indexer.bundle import Bundle
+from xmodal.indexer.bundle import Bundle
 
 
 def bundle_status(

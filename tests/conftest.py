@@ -23,8 +23,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from crossmodal.threads import configure_threads  # noqa: E402
+from xmodal.crossmodal.threads import configure_threads  # noqa: E402
 
 configure_threads(int(os.environ.get("XMODAL_THREADS", "0")) or None)
 
@@ -42,8 +41,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random-but-seeded weights of the tiny config, saved as a plain checkpoint file."""
     import open_clip
     from safetensors.torch import save_file
-
-    from crossmodal.registry import register_shipped
+    from xmodal.crossmodal.registry import register_shipped
 
     register_shipped(TINY)
     torch.manual_seed(1234)
@@ -56,8 +54,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_local_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     """The same weights in open_clip's local-dir layout, as `xmodal train` writes it."""
-    from crossmodal.loading import load_model
-    from crossmodal.train import save_model
+    from xmodal.crossmodal.loading import load_model
+    from xmodal.crossmodal.train import save_model
 
     loaded = load_model(TINY, str(tiny_checkpoint))
     folder = tmp_path_factory.mktemp("tiny-dir")
@@ -68,7 +66,7 @@ def tiny_local_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
 @pytest.fixture(scope="session")
 def default_encoder():
     """The built-in default model (committed under data/models/)."""
-    from crossmodal.encoder import Encoder
+    from xmodal.crossmodal.encoder import Encoder
 
     return Encoder.load()
 
@@ -76,7 +74,7 @@ def default_encoder():
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small demo corpus: 96 train, 24 val, 24 test images."""
-    from crossmodal.corpus import CorpusSpec, write_corpus
+    from xmodal.crossmodal.corpus import CorpusSpec, write_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     write_corpus(out, CorpusSpec(seed=7, train_size=96, val_size=24, test_size=24), progress=False)
@@ -86,8 +84,8 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory, default_encoder):
     """The default model over a 60-image demo test split with its captions."""
-    from crossmodal.corpus import CorpusSpec, write_corpus
-    from indexer.pipeline import IndexOptions, run_index
+    from xmodal.crossmodal.corpus import CorpusSpec, write_corpus
+    from xmodal.indexer.pipeline import IndexOptions, run_index
 
     root = tmp_path_factory.mktemp("demo")
     write_corpus(root, CorpusSpec(seed=11, train_size=1, val_size=1, test_size=60), progress=False)

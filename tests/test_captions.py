@@ -8,12 +8,11 @@ import pytest
 from image_fixtures import scene
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-
-from crossmodal.encoder import Encoder
-from indexer.bundle import Bundle
-from indexer.captions import read_caption_file
-from indexer.catalog import CaptionLink, CaptionRow
-from indexer.pipeline import IndexOptions, IndexRunError, run_index
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.indexer.bundle import Bundle
+from xmodal.indexer.captions import read_caption_file
+from xmodal.indexer.catalog import CaptionLink, CaptionRow
+from xmodal.indexer.pipeline import IndexOptions, IndexRunError, run_index
 
 
 def test_csv_with_header_and_bad_rows(tmp_path: Path) -> None:

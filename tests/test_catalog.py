@@ -11,10 +11,9 @@ import pytest
 from image_fixtures import scene
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
-
-from crossmodal.encoder import Encoder
-from indexer.bundle import Bundle, BundleError
-from indexer.catalog import (
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.indexer.bundle import Bundle, BundleError
+from xmodal.indexer.catalog import (
     SCHEMA_VERSION,
     CatalogError,
     ImageRow,
@@ -24,9 +23,9 @@ from indexer.catalog import (
     public_url,
     sqlite_url,
 )
-from indexer.pipeline import IndexOptions, run_index
-from indexer.verify import verify_bundle
-from search.engine import SearchEngine
+from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.indexer.verify import verify_bundle
+from xmodal.search.engine import SearchEngine
 
 
 def test_new_catalog_is_stamped_and_a_newer_one_refused(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from rerank_fixtures import tiny_rerank_config
+from xmodal.crossmodal.convnet import ConvNetConfig
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.rerank_train import train_reranker
 
-from crossmodal.convnet import ConvNetConfig
-from crossmodal.encoder import Encoder
-from crossmodal.rerank_train import train_reranker
 from xmodal.cli import main
 
 
@@ -63,8 +63,7 @@ def test_a_trained_cnn_model_loads_back_and_gives_grid_tokens(tiny_cnn_dir: Path
     np.testing.assert_allclose(enc.encode_image_tensors(x), ref, atol=1e-5)
     # Plain open_clip loads the folder too, once the tower is registered with timm.
     import open_clip
-
-    import crossmodal.convnet  # noqa: F401
+    import xmodal.crossmodal.convnet  # noqa: F401
 
     plain = open_clip.create_model(f"local-dir:{tiny_cnn_dir}").eval()
     with torch.no_grad():

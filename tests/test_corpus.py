@@ -8,8 +8,7 @@ import re
 from pathlib import Path
 
 from PIL import Image
-
-from crossmodal.corpus import (
+from xmodal.crossmodal.corpus import (
     BACKGROUNDS,
     COLOR_NAMES,
     HELD_OUT,

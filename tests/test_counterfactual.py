@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from rerank_fixtures import tiny_rerank_config
-
-from crossmodal.corpus import HELD_OUT, CorpusSpec, Obj, Scene, captions, plan_splits
-from crossmodal.counterfactual import (
+from xmodal.crossmodal.corpus import HELD_OUT, CorpusSpec, Obj, Scene, captions, plan_splits
+from xmodal.crossmodal.counterfactual import (
     DemoImage,
     demo_images,
     held_out_keys,
@@ -25,10 +24,10 @@ from crossmodal.counterfactual import (
     template_of,
     twin_scene,
 )
-from crossmodal.encoder import Encoder
-from crossmodal.negatives import negative, relation_flip
-from crossmodal.pairs import PairSet, read_pairs
-from crossmodal.rerank_train import Counterfactuals, counterfactual_set, train_reranker
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.negatives import negative, relation_flip
+from xmodal.crossmodal.pairs import PairSet, read_pairs
+from xmodal.crossmodal.rerank_train import Counterfactuals, counterfactual_set, train_reranker
 
 
 def test_a_twin_changes_binding_not_words() -> None:

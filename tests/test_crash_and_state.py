@@ -15,11 +15,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from image_fixtures import scene
-
-from crossmodal.encoder import Encoder
-from indexer.bundle import Bundle
-from indexer.pipeline import IndexOptions, run_index
-from indexer.verify import verify_bundle
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.indexer.bundle import Bundle
+from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.indexer.verify import verify_bundle
 
 
 def _committed(bundle: Path) -> int:

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from image_fixtures import bomb_png, exif_rotated_pair, jpeg_bytes, scene
 from PIL import Image
-
-from crossmodal.images import ImageDecodeError, decode_image
-from indexer.decode import DecodePool, Job
-from indexer.sources import sniff_format
+from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.indexer.decode import DecodePool, Job
+from xmodal.indexer.sources import sniff_format
 
 
 def test_bomb_header_is_refused_before_decoding() -> None:

@@ -11,12 +11,11 @@ import pytest
 from image_fixtures import exif_rotated_pair, scene, write_awkward_tree
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
-
-from crossmodal.encoder import Encoder
-from indexer.bundle import Bundle, read_manifest
-from indexer.catalog import ImageRow, Root
-from indexer.pipeline import IndexOptions, IndexRunError, run_index
-from indexer.verify import verify_bundle
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.indexer.bundle import Bundle, read_manifest
+from xmodal.indexer.catalog import ImageRow, Root
+from xmodal.indexer.pipeline import IndexOptions, IndexRunError, run_index
+from xmodal.indexer.verify import verify_bundle
 
 
 @pytest.fixture(scope="module")

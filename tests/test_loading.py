@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from crossmodal.encoder import Encoder
-from crossmodal.errors import (
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.errors import (
     CheckpointError,
     ConfigMismatchError,
     IntegrityError,
     PretrainedUnavailableError,
     UnknownModelError,
 )
-from crossmodal.loading import load_model
-from crossmodal.registry import (
+from xmodal.crossmodal.loading import load_model
+from xmodal.crossmodal.registry import (
     PACKAGED_TEXT_TOWERS,
     PackagedTextTower,
     packaged_tower_path,
@@ -169,8 +168,7 @@ def test_registered_config_builds_and_leaves_no_temporary_folder(monkeypatch, tm
     # A killed server must not leave a folder per process in /tmp: the config file
     # open_clip reads is gone as soon as it is registered.
     import open_clip
-
-    from crossmodal.registry import register_config, shipped_configs
+    from xmodal.crossmodal.registry import register_config, shipped_configs
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     cfg = shipped_configs()[TINY]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from crossmodal.metrics import (
+from xmodal.crossmodal.metrics import (
     image_to_text_ranks,
     recall_at,
     retrieval_recall,

@@ -11,17 +11,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 from rerank_fixtures import tiny_rerank_config
+from xmodal.crossmodal.coca_scorer import CocaScorer
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.negatives import negative, swap_kind, swaps
+from xmodal.crossmodal.registry import register_config
+from xmodal.crossmodal.rerank_train import grouped_logits, listwise_loss, train_reranker
+from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_tokens
+from xmodal.indexer.catalog import ImageTokens
+from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.search.engine import QueryError, SearchEngine
+from xmodal.web import create_app
 
-from crossmodal.coca_scorer import CocaScorer
-from crossmodal.encoder import Encoder
-from crossmodal.negatives import negative, swap_kind, swaps
-from crossmodal.registry import register_config
-from crossmodal.rerank_train import grouped_logits, listwise_loss, train_reranker
-from crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_tokens
-from indexer.catalog import ImageTokens
-from indexer.pipeline import IndexOptions, run_index
-from search.engine import QueryError, SearchEngine
-from web import create_app
 from xmodal.cli import main
 
 
@@ -154,7 +154,7 @@ def test_training_lowers_itm_loss_and_separates_pairs(tiny_with_reranker: Path) 
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
     assert metrics["history"][-1]["pair_acc"] > 0.6  # well above the 0.5 of a coin
-    from crossmodal.rerank_train import FUSION_WEIGHTS
+    from xmodal.crossmodal.rerank_train import FUSION_WEIGHTS
 
     assert metrics["val"]["fusion_weight"] in FUSION_WEIGHTS
     doc = json.loads((tiny_with_reranker / "reranker" / "reranker_config.json").read_text())
@@ -202,7 +202,7 @@ def test_reranked_results_permute_the_dual_candidates(rr_bundle) -> None:
 
 
 def test_image_to_captions_is_reranked_too(rr_bundle, small_corpus: Path) -> None:
-    from crossmodal.images import decode_image
+    from xmodal.crossmodal.images import decode_image
 
     enc, bundle = rr_bundle
     engine = SearchEngine(bundle, enc)

@@ -19,14 +19,14 @@ from click.testing import CliRunner
 from image_fixtures import scene
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig
+from xmodal.indexer.bundle import Bundle, BundleError, read_manifest
+from xmodal.indexer.catalog import CatalogError, ImageTokens, Meta, open_engine, sqlite_url
+from xmodal.indexer.pipeline import IndexOptions, IndexRunError, run_index
+from xmodal.indexer.verify import verify_bundle
+from xmodal.search.engine import QueryError, SearchEngine
 
-from crossmodal.encoder import Encoder
-from crossmodal.reranker import CrossModalReranker, RerankerConfig
-from indexer.bundle import Bundle, BundleError, read_manifest
-from indexer.catalog import CatalogError, ImageTokens, Meta, open_engine, sqlite_url
-from indexer.pipeline import IndexOptions, IndexRunError, run_index
-from indexer.verify import verify_bundle
-from search.engine import QueryError, SearchEngine
 from xmodal.cli import main
 
 N_IMAGES = 6
@@ -141,7 +141,7 @@ def test_bundle_without_an_id_adopts_one_and_refuses_a_foreign_db(
         Bundle(a, sqlite_url(b / "catalog.sqlite"))
     with pytest.raises(IndexRunError, match="keeps its catalog at"):
         _index(tiny, a, tmp_path / "a" / "photos", db_url=sqlite_url(b / "catalog.sqlite"))
-    from indexer.catalog import BUNDLE_ID_KEY
+    from xmodal.indexer.catalog import BUNDLE_ID_KEY
 
     # The next run records an id in both; the bundle's own URL spelled out is accepted.
     _index(tiny, a, tmp_path / "a" / "photos", db_url=sqlite_url(a / "catalog.sqlite"))
@@ -293,7 +293,7 @@ def test_garbled_catalog_page_gives_one_line_errors(tiny: Encoder, tmp_path: Pat
 
 
 def test_garbled_meta_page_fails_serve_start_up_in_one_line(tiny: Encoder, tmp_path: Path) -> None:
-    from web import create_app
+    from xmodal.web import create_app
 
     bundle = _built(tiny, tmp_path)
     db = bundle / "catalog.sqlite"
@@ -356,7 +356,7 @@ def test_garbled_caption_vectors_are_caught(tiny: Encoder, tmp_path: Path) -> No
                          str(bundle), "--target", "captions"))  # fmt: skip
     # The next run (with the model the manifest names, as `xmodal index` finds it)
     # rebuilds the damaged index from the catalog's vectors.
-    from search.engine import encoder_for_bundle
+    from xmodal.search.engine import encoder_for_bundle
 
     _index(encoder_for_bundle(bundle), bundle, tmp_path / "a" / "photos")
     assert verify_bundle(bundle).ok
@@ -407,7 +407,7 @@ def foreign_reranker_model(tiny_local_dir: Path, tmp_path: Path) -> Path:
 def test_reranker_of_other_weights_is_disabled_with_a_warning(
     foreign_reranker_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from web import create_app
+    from xmodal.web import create_app
 
     model = f"local-dir:{foreign_reranker_model}"
     photos = _photos(tmp_path / "photos")
@@ -444,7 +444,7 @@ def test_reranker_of_other_weights_is_disabled_with_a_warning(
 
 
 def test_verify_help_lists_every_check() -> None:
-    from indexer.verify import CHECKS
+    from xmodal.indexer.verify import CHECKS
 
     out = _cli("verify", "--help")
     assert out.exit_code == 0

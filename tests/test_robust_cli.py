@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from image_fixtures import scene
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.indexer.captions import MAX_CAPTION_CHARS, read_caption_file
+from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.indexer.verify import verify_bundle
 
-from crossmodal.encoder import Encoder
-from indexer.captions import MAX_CAPTION_CHARS, read_caption_file
-from indexer.pipeline import IndexOptions, run_index
-from indexer.verify import verify_bundle
 from xmodal.cli import main
 
 EVIL_NAME = "evil\n 0.9999  forged-line.png"  # a newline and what looks like a result
@@ -292,8 +292,8 @@ def test_caption_file_linked_to_dev_zero_is_refused_without_reading(
 
 
 def test_caption_reader_refuses_fifos_devices_and_oversized_files(tmp_path: Path) -> None:
-    from crossmodal.errors import DataError
-    from indexer import captions
+    from xmodal.crossmodal.errors import DataError
+    from xmodal.indexer import captions
 
     with _fifo(tmp_path / "f.txt") as fifo, pytest.raises(DataError, match="FIFO"):
         read_caption_file(fifo)
@@ -314,7 +314,7 @@ def test_caption_line_length_is_bounded_per_line(tmp_path: Path) -> None:
     f.write_text(long_line + '\n{"caption": "kept"}\n', encoding="utf-8")
     parsed = read_caption_file(f)
     assert [(r.text, r.source) for r in parsed.records] == [("kept", "c.jsonl:2")]
-    from indexer.captions import MAX_CAPTION_LINE_CHARS
+    from xmodal.indexer.captions import MAX_CAPTION_LINE_CHARS
 
     assert len(long_line) > MAX_CAPTION_LINE_CHARS
     assert parsed.problems == [f"c.jsonl:1: line longer than {MAX_CAPTION_LINE_CHARS:,} characters"]

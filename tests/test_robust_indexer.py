@@ -23,12 +23,11 @@ import pytest
 from image_fixtures import scene
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
-
-from crossmodal.encoder import Encoder
-from indexer.bundle import Bundle, read_manifest
-from indexer.catalog import INDEXED, ImageRow, public_url
-from indexer.pipeline import Indexer, IndexOptions, IndexRunError, run_index
-from indexer.verify import verify_bundle
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.indexer.bundle import Bundle, read_manifest
+from xmodal.indexer.catalog import INDEXED, ImageRow, public_url
+from xmodal.indexer.pipeline import Indexer, IndexOptions, IndexRunError, run_index
+from xmodal.indexer.verify import verify_bundle
 
 CAPSH = shutil.which("capsh") or ("/usr/sbin/capsh" if Path("/usr/sbin/capsh").exists() else None)
 DROP = "--drop=cap_dac_override,cap_dac_read_search"
@@ -277,7 +276,7 @@ def pg_url() -> Iterator[str]:
 
 
 def test_postgresql_catalog_has_one_writer(tiny: Encoder, pg_url: str, tmp_path: Path) -> None:
-    from indexer.lock import BundleLock
+    from xmodal.indexer.lock import BundleLock
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -330,7 +329,7 @@ def test_hnsw_rebuilds_on_deletion_and_is_kept_without_the_flag(
 
 _WORKER_DRIVER = """
 import sys, threading
-from indexer.decode import DecodePool, Job
+from xmodal.indexer.decode import DecodePool, Job
 pool = DecodePool(1, None, timeout_s=600)
 with pool:
     t = threading.Thread(target=lambda: list(pool.run([Job(0, sys.argv[1].encode())])))
@@ -369,7 +368,7 @@ def test_decode_workers_exit_quietly_when_their_parent_is_killed(tmp_path: Path)
 def test_file_replaced_after_the_scan_is_stored_as_read(
     tiny: Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import indexer.pipeline as pipeline
+    import xmodal.indexer.pipeline as pipeline
 
     photos, bundle = tmp_path / "photos", tmp_path / "bundle"
     photos.mkdir()
@@ -419,9 +418,9 @@ def _crash_in_publish(bundle: str, photos: str, checkpoint: str, n: int, count_f
 
     Runs in a child process. ``n = 0`` only counts those calls (into ``count_file``).
     """
-    import indexer.pipeline as pipeline
-    from crossmodal.encoder import Encoder
-    from crossmodal.threads import configure_threads
+    import xmodal.indexer.pipeline as pipeline
+    from xmodal.crossmodal.encoder import Encoder
+    from xmodal.crossmodal.threads import configure_threads
 
     configure_threads(1)
     encoder = Encoder.load("xmodal-tiny", checkpoint)
@@ -473,7 +472,7 @@ def test_kill_at_every_step_of_publication_then_resume(
     expected = {f"{i}.png" for i in range(1, 7)}
     # Children fork from a server that has imported everything: no 3 s start-up each.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "open_clip", "indexer.pipeline", __name__])
+    ctx.set_forkserver_preload(["torch", "open_clip", "xmodal.indexer.pipeline", __name__])
 
     def crash_at(n: int) -> tuple[int | None, int | None]:
         shutil.rmtree(bundle)

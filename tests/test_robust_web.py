@@ -25,12 +25,11 @@ from pathlib import Path
 import pytest
 from image_fixtures import scene
 from PIL import Image
-
-from crossmodal.encoder import Encoder
-from crossmodal.images import ImageDecodeError
-from indexer.pipeline import IndexOptions, run_index
-from search.engine import SearchEngine
-from web import create_app
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.images import ImageDecodeError
+from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.search.engine import SearchEngine
+from xmodal.web import create_app
 
 CAP = 1024 * 1024  # the upload limit these tests serve with (--max-upload-mb 1)
 NEWLINE_NAME = b"two\nlines.png"
@@ -210,7 +209,7 @@ def test_a_broken_manifest_keeps_the_last_good_generation(
             logged.append([rec.getMessage() for rec in caplog.records if rec.levelno >= 30])
         assert health["refresh_problem"] and "keeping generation 1" in health["refresh_problem"]
         assert logged[0] and logged[0] == logged[-1], (what, logged)  # once, not per request
-        ours = [rec for rec in caplog.records if rec.name == "web.service"]
+        ours = [rec for rec in caplog.records if rec.name == "xmodal.web.service"]
         assert len(ours) == 1 and "keeping generation 1" in ours[0].getMessage(), what
         assert "\n" not in ours[0].getMessage()
     # The indexer publishes a good generation again: it is picked up, the problem clears.
@@ -235,7 +234,7 @@ def test_an_upload_declaring_huge_dimensions_is_refused_before_decoding(client) 
 
 
 def test_uploads_are_decoded_small() -> None:
-    from crossmodal.images import decode_upload
+    from xmodal.crossmodal.images import decode_upload
 
     big = Image.new("RGB", (3000, 2000), (200, 30, 30))
     for progressive in (False, True):
@@ -396,8 +395,7 @@ def test_real_server_keeps_answering_with_120_half_sent_requests(server) -> None
 def test_silent_connections_are_closed(app) -> None:
     """What --channel-timeout sets, on waitress in a thread (no second model process)."""
     from waitress import wasyncore
-
-    from web.server import make_server
+    from xmodal.web.server import make_server
 
     server = make_server(
         app,

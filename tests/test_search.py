@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.images import decode_image
+from xmodal.indexer import ann
+from xmodal.indexer.catalog import ImageRow
+from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.search.engine import ModelMismatchError, QueryError, SearchEngine
 
-from crossmodal.encoder import Encoder
-from crossmodal.images import decode_image
-from indexer import ann
-from indexer.catalog import ImageRow
-from indexer.pipeline import IndexOptions, run_index
-from search.engine import ModelMismatchError, QueryError, SearchEngine
 from xmodal.cli import main
 
 

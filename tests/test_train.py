@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.loading import load_model
+from xmodal.crossmodal.registry import DEFAULT_MODEL_DIR
+from xmodal.crossmodal.train import TrainConfig, train
 
-from crossmodal.encoder import Encoder
-from crossmodal.loading import load_model
-from crossmodal.registry import DEFAULT_MODEL_DIR
-from crossmodal.train import TrainConfig, train
 from xmodal.cli import main
 
 

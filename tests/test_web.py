@@ -15,12 +15,11 @@ from image_fixtures import bomb_png, scene
 from PIL import Image
 from sqlalchemy import update
 from sqlalchemy.orm import Session
-
-from crossmodal.encoder import Encoder
-from indexer.catalog import ImageRow
-from indexer.pipeline import IndexOptions, run_index
-from search.engine import SearchEngine
-from web import create_app
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.indexer.catalog import ImageRow
+from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.search.engine import SearchEngine
+from xmodal.web import create_app
 
 
 def png_bytes(img: Image.Image) -> bytes:

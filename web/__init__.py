@@ -64,7 +64,7 @@ class InMemoryRequest(Request):
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app for one bundle."""
-    from search.engine import SearchEngine
+    from xmodal.search.engine import SearchEngine
 
     from . import api, pages, security
     from .service import SearchService

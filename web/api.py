@@ -15,9 +15,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-
-from crossmodal.images import ImageDecodeError
-from search.engine import DEFAULT_RERANK_K, MAX_RERANK_K, QueryError
+from xmodal.crossmodal.images import ImageDecodeError
+from xmodal.search.engine import DEFAULT_RERANK_K, MAX_RERANK_K, QueryError
 
 from .openapi import openapi_document
 from .service import NotServable

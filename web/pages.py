@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-
-from crossmodal.images import ImageDecodeError
-from search.engine import QueryError
+from xmodal.crossmodal.images import ImageDecodeError
+from xmodal.search.engine import QueryError
 
 from .api import BadParameter, float_param, http_error_message, int_param, read_upload
 from .security import check_csrf

@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from crossmodal.images import ImageDecodeError, decode_image, decode_upload
-from search.engine import DEFAULT_RERANK_K, ImageHit, Result, SearchEngine, check_text
-from search.status import bundle_status
+from xmodal.crossmodal.images import ImageDecodeError, decode_image, decode_upload
+from xmodal.search.engine import DEFAULT_RERANK_K, ImageHit, Result, SearchEngine, check_text
+from xmodal.search.status import bundle_status
 
 from . import MAX_CATALOG_ID, REFRESH_EVERY_S, UPLOAD_DECODE_SLOTS
 

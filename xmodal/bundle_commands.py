@@ -50,8 +50,8 @@ def _caption_files(
     Checked before the run starts (cheap, nothing read): a FIFO or ``/dev/zero`` given
     as a corpus then fails at once instead of after the images are indexed.
     """
-    from crossmodal.errors import DataError
-    from indexer.captions import check_caption_file
+    from xmodal.crossmodal.errors import DataError
+    from xmodal.indexer.captions import check_caption_file
 
     for path in value:
         try:
@@ -83,10 +83,10 @@ def _bundle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from indexer.bundle import BundleError
-        from indexer.catalog import CatalogError
-        from indexer.pipeline import IndexRunError
-        from search.engine import QueryError
+        from xmodal.indexer.bundle import BundleError
+        from xmodal.indexer.catalog import CatalogError
+        from xmodal.indexer.pipeline import IndexRunError
+        from xmodal.search.engine import QueryError
 
         try:
             return fn(*args, **kwargs)
@@ -162,11 +162,11 @@ def index(
     as_json: bool,
 ) -> None:
     """Index photo folders and caption files into a bundle (incremental)."""
-    from crossmodal.threads import default_threads
-    from indexer.lock import writer_pid
-    from indexer.pipeline import IndexOptions, run_index
-    from search.engine import encoder_for_bundle
-    from search.rerank import reranker_folder
+    from xmodal.crossmodal.threads import default_threads
+    from xmodal.indexer.lock import writer_pid
+    from xmodal.indexer.pipeline import IndexOptions, run_index
+    from xmodal.search.engine import encoder_for_bundle
+    from xmodal.search.rerank import reranker_folder
 
     if not paths and not caption_files:
         raise click.UsageError("give folders to index and/or --captions files")
@@ -264,10 +264,10 @@ def search(
     as_json: bool,
 ) -> None:
     """Search a bundle with text or with an image."""
-    from crossmodal.images import ImageDecodeError, decode_image
-    from indexer.captions import read_regular_file
-    from indexer.decode import MAX_FILE_BYTES
-    from search.engine import SearchEngine
+    from xmodal.crossmodal.images import ImageDecodeError, decode_image
+    from xmodal.indexer.captions import read_regular_file
+    from xmodal.indexer.decode import MAX_FILE_BYTES
+    from xmodal.search.engine import SearchEngine
 
     if (query is None) == (image is None):
         raise click.UsageError("give either a QUERY text or --image FILE")
@@ -311,7 +311,7 @@ def search(
 @_bundle_errors
 def info(bundle: Path, db_url: str | None, show_failures: bool, as_json: bool) -> None:
     """Model, counts, index types and sizes, last run and failures of a bundle."""
-    from search.status import bundle_status
+    from xmodal.search.status import bundle_status
 
     status = bundle_status(bundle, db_url, failures_limit=None if show_failures else 20)
     if as_json:
@@ -375,7 +375,7 @@ def verify(
     - the manifest's counts match the catalog's
     - every run's stored report is JSON; unfinished runs and stray index files are noted
     """
-    from indexer.verify import verify_bundle
+    from xmodal.indexer.verify import verify_bundle
 
     identity = None
     if model_name or pretrained:
@@ -463,9 +463,9 @@ def serve(
     """
     import logging
 
-    from crossmodal.threads import configure_threads, default_threads
-    from web import create_app
-    from web.server import make_server
+    from xmodal.crossmodal.threads import configure_threads, default_threads
+    from xmodal.web import create_app
+    from xmodal.web.server import make_server
 
     threads = server_threads or default_threads()
     # Each request thread runs torch and FAISS on one core: N requests in parallel

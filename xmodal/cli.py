@@ -39,7 +39,7 @@ if _loading_handler:
 # The rest loads after the handler is in place (numpy, PIL, ... take a while).
 import click  # noqa: E402
 
-from crossmodal.threads import MAX_THREADS, THREADS_ENV  # noqa: E402  (imports no torch)
+from xmodal.crossmodal.threads import MAX_THREADS, THREADS_ENV  # noqa: E402  (imports no torch)
 
 from .options import WholeNumber  # noqa: E402
 
@@ -99,7 +99,7 @@ def _close_progress_bars() -> bool:
 def main(threads: int | None) -> None:
     """xmodal: cross-modal search over images and captions."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from crossmodal.threads import configure_threads
+    from xmodal.crossmodal.threads import configure_threads
 
     configure_threads(threads)
 

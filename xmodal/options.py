@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from crossmodal.errors import DataError, ModelError
-from crossmodal.images import ImageDecodeError
+from xmodal.crossmodal.errors import DataError, ModelError
+from xmodal.crossmodal.images import ImageDecodeError
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -134,7 +134,7 @@ def model_options(fn: Callable) -> Callable:
 
 def load_encoder(model_name: str | None, pretrained: str | None) -> Any:
     """The encoder the user asked for; a bare name without weights is refused."""
-    from crossmodal.encoder import Encoder
+    from xmodal.crossmodal.encoder import Encoder
 
     if model_name and not pretrained and not model_name.startswith("local-dir:"):
         raise click.UsageError(
