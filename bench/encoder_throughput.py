@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 import torch
-from xmodal.crossmodal.corpus import CorpusSpec, captions, plan_splits
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.threads import configure_threads, thread_settings
+from xmodal.training.corpus import CorpusSpec, captions, plan_splits
 
 
 def _captions(n: int) -> list[str]:

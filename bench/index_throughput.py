@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from xmodal.crossmodal.corpus import CorpusSpec, plan_splits, render
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.threads import configure_threads, default_threads, thread_settings
 from xmodal.indexer.decode import DecodePool, Job
 from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.training.corpus import CorpusSpec, plan_splits, render
 
 CACHE = Path(tempfile.gettempdir()) / "xmodal-bench-1080p"
 

@@ -17,9 +17,9 @@ import random
 import time
 
 import numpy as np
-from xmodal.crossmodal.corpus import CorpusSpec, captions, plan_splits, render
 from xmodal.crossmodal.threads import configure_threads, thread_settings
 from xmodal.search.engine import SearchEngine
+from xmodal.training.corpus import CorpusSpec, captions, plan_splits, render
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 For each caption of a demo split whose own image is not ranked first after reranking
 the dual encoder's top k, compare the scene of the image ranked first with the true
 scene (re-planned from the corpus's ``corpus.json``) with
-``crossmodal.counterfactual.scene_difference``: another number of objects, or which of
+``training.counterfactual.scene_difference``: another number of objects, or which of
 shape, size, colour, arrangement and order differ. Misses are also counted, beside the
 dual encoder's, by the true scene's number of objects and by whether it holds a
 colour-shape combination held out of training. A quality
@@ -20,15 +20,15 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from xmodal.crossmodal.corpus import HELD_OUT
-from xmodal.crossmodal.counterfactual import demo_images, scene_difference
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.pairs import read_pairs
-from xmodal.crossmodal.rerank_eval import fusion_weight, pair_logits
-from xmodal.crossmodal.rerank_train import features_for
 from xmodal.crossmodal.reranker import CrossModalReranker
 from xmodal.crossmodal.threads import configure_threads
 from xmodal.search.rerank import load_scorer
+from xmodal.training.corpus import HELD_OUT
+from xmodal.training.counterfactual import demo_images, scene_difference
+from xmodal.training.rerank_eval import fusion_weight, pair_logits
+from xmodal.training.rerank_train import features_for
 
 
 def main() -> None:

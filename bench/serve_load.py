@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
-from xmodal.crossmodal.corpus import CorpusSpec, captions, plan_splits
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.indexer.bundle import Bundle
 from xmodal.indexer.catalog import INDEXED, ImageRow
 from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.training.corpus import CorpusSpec, captions, plan_splits
 
 
 def grow(src: Path, dst: Path, total: int) -> None:

@@ -4,6 +4,9 @@ All captions are embedded; text-to-image ranks each caption's own image among al
 images, image-to-text counts a hit when any of the image's captions is in the top k
 (CLIP_benchmark's protocol; see ``crossmodal.metrics``). Images that fail to load are
 counted and reported, and their captions are left out of both directions.
+
+Recall after reranking (``xmodal eval --rerank``) needs the reranker's training code
+(features, compositional swaps), so it lives in ``xmodal.training.evaluate``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from xmodal.crossmodal.encoder import Encoder
-from xmodal.crossmodal.errors import ModelError
 from xmodal.crossmodal.images import ImageDecodeError, decode_image
 from xmodal.crossmodal.metrics import retrieval_recall
 from xmodal.crossmodal.pairs import PairSet, read_pairs
@@ -60,7 +62,7 @@ def embed_pairs(
     return np.concatenate(chunks), kept, failures
 
 
-def _report_head(
+def report_head(
     encoder: Encoder, pairs_path: str | Path, pairs: PairSet, failed: int
 ) -> dict[str, Any]:
     """The keys every ``xmodal eval --json`` object starts with."""
@@ -89,46 +91,9 @@ def evaluate_pairs(
     text_emb = encoder.encode_texts(pairs.captions)
     recall = retrieval_recall(image_emb, text_emb, pairs.caption_image)
     return {
-        **_report_head(encoder, pairs_path, pairs, len(failures)),
+        **report_head(encoder, pairs_path, pairs, len(failures)),
         "failures": failures[:20],
         **recall,
-        "seconds": round(time.time() - started, 2),
-    }
-
-
-def evaluate_reranked(
-    encoder: Encoder, pairs_path: str | Path, rerank_k: int = 32, seed: int = 0
-) -> dict[str, Any]:
-    """Recall after reranking the dual top-k (top level), dual-only recall ("dual"), and
-    compositional 2-way accuracy, as ``xmodal eval --rerank --json`` prints them."""
-    from xmodal.crossmodal.negatives import swap_kind
-    from xmodal.crossmodal.rerank_eval import compositional_accuracy, fusion_weight, reranked_recall
-    from xmodal.crossmodal.rerank_train import compositional_set, features_for
-
-    from .rerank import load_scorer
-
-    scorer = load_scorer(encoder)
-    if scorer is None:
-        raise ModelError(f"model {encoder.identity.name} has no reranker to evaluate")
-    started = time.time()
-    pairs = read_pairs(pairs_path)
-    n_images = len(pairs.images)
-    feats, caps_of, pairs = features_for(encoder, pairs, None, None, seed)
-    w = fusion_weight(scorer)
-    reranked = reranked_recall(scorer, feats, rerank_k, [w])[w]
-    rows, pos, neg = compositional_set(encoder, pairs, caps_of, seed)
-    comp: dict[str, Any] = {"pairs": 0, "dual": None, "reranked": None}
-    if len(rows):
-        kinds = [swap_kind(p, n) for p, n in zip(pos[3], neg[3], strict=True)]
-        comp = compositional_accuracy(
-            scorer, feats.image_emb[rows], feats.image_tokens[rows], pos, neg, kinds
-        )
-    return {
-        **_report_head(encoder, pairs_path, pairs, n_images - len(pairs.images)),
-        **reranked,
-        "dual": retrieval_recall(feats.image_emb, feats.text_emb, feats.caption_image),
-        "compositional": comp,
-        "rerank": {"k": rerank_k, "fusion_weight": w, "scorer": type(scorer).__name__},
         "seconds": round(time.time() - started, 2),
     }
 

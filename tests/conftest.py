@@ -55,7 +55,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_local_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     """The same weights in open_clip's local-dir layout, as `xmodal train` writes it."""
     from xmodal.crossmodal.loading import load_model
-    from xmodal.crossmodal.train import save_model
+    from xmodal.training.train import save_model
 
     loaded = load_model(TINY, str(tiny_checkpoint))
     folder = tmp_path_factory.mktemp("tiny-dir")
@@ -74,7 +74,7 @@ def default_encoder():
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small demo corpus: 96 train, 24 val, 24 test images."""
-    from xmodal.crossmodal.corpus import CorpusSpec, write_corpus
+    from xmodal.training.corpus import CorpusSpec, write_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     write_corpus(out, CorpusSpec(seed=7, train_size=96, val_size=24, test_size=24), progress=False)
@@ -84,8 +84,8 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory, default_encoder):
     """The default model over a 60-image demo test split with its captions."""
-    from xmodal.crossmodal.corpus import CorpusSpec, write_corpus
     from xmodal.indexer.pipeline import IndexOptions, run_index
+    from xmodal.training.corpus import CorpusSpec, write_corpus
 
     root = tmp_path_factory.mktemp("demo")
     write_corpus(root, CorpusSpec(seed=11, train_size=1, val_size=1, test_size=60), progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from xmodal.crossmodal.rerank_train import RerankTrainConfig
+from xmodal.training.rerank_train import RerankTrainConfig
 
 
 def tiny_rerank_config(

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from rerank_fixtures import tiny_rerank_config
 from xmodal.crossmodal.convnet import ConvNetConfig
 from xmodal.crossmodal.encoder import Encoder
-from xmodal.crossmodal.rerank_train import train_reranker
+from xmodal.training.rerank_train import train_reranker
 
 from xmodal.cli import main
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from PIL import Image
-from xmodal.crossmodal.corpus import (
+from xmodal.training.corpus import (
     BACKGROUNDS,
     COLOR_NAMES,
     HELD_OUT,

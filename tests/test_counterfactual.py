@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 from rerank_fixtures import tiny_rerank_config
-from xmodal.crossmodal.corpus import HELD_OUT, CorpusSpec, Obj, Scene, captions, plan_splits
-from xmodal.crossmodal.counterfactual import (
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.pairs import PairSet, read_pairs
+from xmodal.training.corpus import HELD_OUT, CorpusSpec, Obj, Scene, captions, plan_splits
+from xmodal.training.counterfactual import (
     DemoImage,
     demo_images,
     held_out_keys,
@@ -24,10 +26,8 @@ from xmodal.crossmodal.counterfactual import (
     template_of,
     twin_scene,
 )
-from xmodal.crossmodal.encoder import Encoder
-from xmodal.crossmodal.negatives import negative, relation_flip
-from xmodal.crossmodal.pairs import PairSet, read_pairs
-from xmodal.crossmodal.rerank_train import Counterfactuals, counterfactual_set, train_reranker
+from xmodal.training.negatives import negative, relation_flip
+from xmodal.training.rerank_train import Counterfactuals, counterfactual_set, train_reranker
 
 
 def test_a_twin_changes_binding_not_words() -> None:

@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from rerank_fixtures import tiny_rerank_config
 from xmodal.crossmodal.coca_scorer import CocaScorer
 from xmodal.crossmodal.encoder import Encoder
-from xmodal.crossmodal.negatives import negative, swap_kind, swaps
 from xmodal.crossmodal.registry import register_config
-from xmodal.crossmodal.rerank_train import grouped_logits, listwise_loss, train_reranker
 from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_tokens
 from xmodal.indexer.catalog import ImageTokens
 from xmodal.indexer.pipeline import IndexOptions, run_index
 from xmodal.search.engine import QueryError, SearchEngine
+from xmodal.training.negatives import negative, swap_kind, swaps
+from xmodal.training.rerank_train import grouped_logits, listwise_loss, train_reranker
 from xmodal.web import create_app
 
 from xmodal.cli import main
@@ -154,7 +154,7 @@ def test_training_lowers_itm_loss_and_separates_pairs(tiny_with_reranker: Path) 
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
     assert metrics["history"][-1]["pair_acc"] > 0.6  # well above the 0.5 of a coin
-    from xmodal.crossmodal.rerank_train import FUSION_WEIGHTS
+    from xmodal.training.rerank_train import FUSION_WEIGHTS
 
     assert metrics["val"]["fusion_weight"] in FUSION_WEIGHTS
     doc = json.loads((tiny_with_reranker / "reranker" / "reranker_config.json").read_text())

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.loading import load_model
 from xmodal.crossmodal.registry import DEFAULT_MODEL_DIR
-from xmodal.crossmodal.train import TrainConfig, train
+from xmodal.training.train import TrainConfig, train
 
 from xmodal.cli import main
 

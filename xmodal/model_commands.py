@@ -25,8 +25,8 @@ def demo_corpus(
     out: Path, seed: int, size: int, val_size: int, test_size: int, workers: int | None
 ) -> None:
     """Write the synthetic demo corpus (images + train/val/test JSONL pairs)."""
-    from xmodal.crossmodal.corpus import CorpusSpec, write_corpus
     from xmodal.crossmodal.threads import default_threads
+    from xmodal.training.corpus import CorpusSpec, write_corpus
 
     spec = CorpusSpec(seed=seed, train_size=size, val_size=val_size, test_size=test_size)
     counts = write_corpus(out, spec, workers=workers or default_threads())
@@ -60,8 +60,8 @@ def demo_corpus(
 @friendly_errors
 def train(**kwargs: Any) -> None:
     """Contrastive (CLIP) training on an image-caption pairs file."""
-    from xmodal.crossmodal.train import TrainConfig
-    from xmodal.crossmodal.train import train as run
+    from xmodal.training.train import TrainConfig
+    from xmodal.training.train import train as run
 
     if not kwargs["model_name"] and not kwargs["config"] and not kwargs["pretrained"]:
         raise click.UsageError("say what to train: --model NAME or --config FILE")
@@ -113,7 +113,7 @@ def train(**kwargs: Any) -> None:
 @friendly_errors
 def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
     """Train the cross-attention reranker over a frozen dual encoder (ITM loss)."""
-    from xmodal.crossmodal.rerank_train import RerankTrainConfig, train_reranker
+    from xmodal.training.rerank_train import RerankTrainConfig, train_reranker
 
     metrics = train_reranker(RerankTrainConfig(model=model_name, **kwargs))
     click.echo(f"saved {kwargs['out']}")
@@ -145,7 +145,8 @@ def eval_cmd(
     as_json: bool,
 ) -> None:
     """Image-text retrieval recall (R@1/5/10, both directions) on a pairs file."""
-    from xmodal.search.evaluate import evaluate_pairs, evaluate_reranked, format_table
+    from xmodal.search.evaluate import evaluate_pairs, format_table
+    from xmodal.training.evaluate import evaluate_reranked
 
     encoder = load_encoder(model_name, pretrained)
     if rerank:

@@ -30,10 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-
-from .errors import DataError, ModelError
-from .images import ImageDecodeError, decode_image
-from .loading import (
+from xmodal.crossmodal.errors import DataError, ModelError
+from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.crossmodal.loading import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     _ensure_name,
@@ -41,9 +40,9 @@ from .loading import (
     load_model,
     read_local_dir_config,
 )
-from .metrics import retrieval_recall
-from .pairs import PairSet, read_pairs
-from .registry import model_config, register_config
+from xmodal.crossmodal.metrics import retrieval_recall
+from xmodal.crossmodal.pairs import PairSet, read_pairs
+from xmodal.crossmodal.registry import model_config, register_config
 
 FROZEN_TEXT_PREFIX = "text.transformer."
 

@@ -9,8 +9,8 @@ binary ITM loss:
   caption an image drawn from softmax(similarity) over the batch, and for each image
   a caption drawn likewise, with same-image entries masked;
 * compositional negatives: the image's caption with two attributes or its relation
-  swapped (crossmodal.negatives), which a bag-of-words scorer cannot reject;
-* for demo-corpus images, counterfactual twins (crossmodal.counterfactual): the same
+  swapped (training.negatives), which a bag-of-words scorer cannot reject;
+* for demo-corpus images, counterfactual twins (training.counterfactual): the same
   picture with two objects' attribute swapped or their order reversed, rendered with
   the same layout. The twin's caption is a negative for the image and a positive for
   the twin picture, and the image's caption a negative for the twin picture, so only
@@ -45,6 +45,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.errors import DataError
+from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.crossmodal.pairs import PairSet, read_pairs
+from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig, itm_loss, pad_tokens
 
 from .corpus import captions as scene_captions
 from .counterfactual import (
@@ -56,13 +61,8 @@ from .counterfactual import (
     template_of,
     twin_scene,
 )
-from .encoder import Encoder
-from .errors import DataError
-from .images import ImageDecodeError, decode_image
 from .negatives import negative, relation_flip
-from .pairs import PairSet, read_pairs
 from .rerank_eval import Features, compositional_accuracy, reranked_recall
-from .reranker import CrossModalReranker, RerankerConfig, itm_loss, pad_tokens
 
 FUSION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0)
 
@@ -509,7 +509,7 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
             by_w, key=lambda w: by_w[w]["text_to_image"]["R@1"] + by_w[w]["image_to_text"]["R@1"]
         )
         model.cfg.fusion_weight = best_w
-        from .metrics import retrieval_recall
+        from xmodal.crossmodal.metrics import retrieval_recall
 
         rows, pos, neg = compositional_set(encoder, val_pairs, vcaps_of, cfg.seed + 1)
         val_report = {

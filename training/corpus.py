@@ -356,6 +356,8 @@ def write_corpus(
         if pool:
             pool.shutdown()
     meta = {
+        # The format's name, kept from when the generator lived in crossmodal/: corpora
+        # already written carry it, and counterfactual.demo_images checks it.
         "generator": "crossmodal.corpus",
         "spec": asdict(spec),
         "counts": counts,

@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
-
-from .metrics import image_to_text_ranks, recall_at, text_to_image_ranks
-from .reranker import CrossModalReranker
+from xmodal.crossmodal.metrics import image_to_text_ranks, recall_at, text_to_image_ranks
+from xmodal.crossmodal.reranker import CrossModalReranker
 
 
 @dataclass
