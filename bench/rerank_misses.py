@@ -28,7 +28,7 @@ from xmodal.search.rerank import load_scorer
 from xmodal.training.corpus import HELD_OUT
 from xmodal.training.counterfactual import demo_images, scene_difference
 from xmodal.training.rerank_eval import fusion_weight, pair_logits
-from xmodal.training.rerank_train import features_for
+from xmodal.training.rerank_features import features_for
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ from xmodal.training.counterfactual import (
     twin_scene,
 )
 from xmodal.training.negatives import negative, relation_flip
-from xmodal.training.rerank_train import Counterfactuals, counterfactual_set, train_reranker
+from xmodal.training.rerank_features import Counterfactuals, counterfactual_set
+from xmodal.training.rerank_train import train_reranker
 
 
 def test_a_twin_changes_binding_not_words() -> None:

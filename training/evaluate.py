@@ -1,7 +1,7 @@
 """``xmodal eval --rerank``: recall after cross-attention reranking, and compositional
 accuracy, on a pairs file.
 
-It shares the reranker training's features (``rerank_train.features_for``) and
+It shares the reranker training's features (``rerank_features.features_for``) and
 compositional swaps (``negatives``), which is why it lives with training and not in
 ``xmodal.search.evaluate`` (dual-encoder recall, the table both print).
 """
@@ -21,7 +21,7 @@ from xmodal.search.rerank import load_scorer
 
 from .negatives import swap_kind
 from .rerank_eval import compositional_accuracy, fusion_weight, reranked_recall
-from .rerank_train import compositional_set, features_for
+from .rerank_features import compositional_set, features_for
 
 
 def evaluate_reranked(

@@ -1,0 +1,231 @@
+"""The frozen dual encoder's features for reranker training and evaluation.
+
+Everything a reranker run computes once before its first step: pooled embeddings and
+token features of the images and captions, one compositional swap per image
+(``negatives``), and the counterfactual twins of demo-corpus images
+(``counterfactual``). ``xmodal eval --rerank`` and ``bench/rerank_misses.py`` use the
+same features.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.errors import DataError
+from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.crossmodal.pairs import PairSet, read_pairs
+from xmodal.crossmodal.reranker import pad_tokens
+
+from .corpus import captions as scene_captions
+from .counterfactual import (
+    demo_images,
+    held_out_keys,
+    render_twin,
+    reversed_order,
+    symmetric,
+    template_of,
+    twin_scene,
+)
+from .negatives import negative, relation_flip
+from .rerank_eval import Features
+
+
+@torch.inference_mode()
+def image_features(
+    encoder: Encoder, paths: list, batch: int = 128, desc: str = "image features"
+) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+    """(embeddings [N, D], patch tokens [N, P, Di] float16, indices that loaded)."""
+    embs, toks, kept = [], [], []
+    for s in tqdm(range(0, len(paths), batch), desc=desc, unit="batch"):
+        x, ok = [], []
+        for i, p in enumerate(paths[s : s + batch]):
+            try:
+                x.append(encoder.preprocess_image(decode_image(p)))
+                ok.append(s + i)
+            except (OSError, ImageDecodeError):
+                continue
+        if not x:
+            continue
+        emb, tok = encoder.image_tokens(torch.stack(x))
+        embs.append(emb)
+        toks.append(tok.half())
+        kept += ok
+    if not kept:
+        raise DataError("no image could be loaded")
+    return np.concatenate(embs), torch.cat(toks), kept
+
+
+@torch.inference_mode()
+def text_features(
+    encoder: Encoder, texts: list[str], batch: int = 256, desc: str = "text features"
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """(embeddings [M, D], tokens [M, L, Dt] float16 padded, mask [M, L])."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    emb = np.zeros((len(texts), encoder.dim), np.float32)
+    seqs: list[torch.Tensor | None] = [None] * len(texts)
+    for s in tqdm(range(0, len(order), batch), desc=desc, unit="batch"):
+        idx = order[s : s + batch]
+        e, tok, mask = encoder.text_tokens([texts[i] for i in idx])
+        emb[idx] = e
+        for row, i in enumerate(idx):
+            seqs[i] = tok[row, mask[row]].half()
+    tokens, mask = pad_tokens([s for s in seqs if s is not None])
+    return emb, tokens, mask
+
+
+def features_for(
+    encoder: Encoder, pairs: PairSet, max_images: int | None, per_image: int | None, seed: int
+) -> tuple[Features, list[list[int]], PairSet]:
+    """Features of (a subset of) a pairs file; returns features, captions per image, pairs."""
+    rng = random.Random(seed)
+    order = list(range(len(pairs.images)))
+    if max_images is not None and len(order) > max_images:
+        order = sorted(rng.sample(order, max_images))
+    pairs = pairs.subset_images(order)
+    img_emb, img_tok, kept = image_features(encoder, pairs.images)
+    pairs = pairs.subset_images(kept)
+    caps_of = pairs.captions_of()
+    if per_image is not None:
+        keep = sorted(c for cs in caps_of for c in rng.sample(cs, min(per_image, len(cs))))
+        caps = [pairs.captions[c] for c in keep]
+        owner = pairs.caption_image[keep]
+        pairs = PairSet(pairs.source, pairs.images, caps, owner)
+        caps_of = pairs.captions_of()
+    t_emb, t_tok, t_mask = text_features(encoder, pairs.captions)
+    feats = Features(img_emb, img_tok, t_emb, t_tok, t_mask, pairs.caption_image, pairs.captions)
+    return feats, caps_of, pairs
+
+
+def compositional_set(
+    encoder: Encoder, pairs: PairSet, caps_of: list[list[int]], seed: int
+) -> tuple[np.ndarray, tuple, tuple]:
+    """For each image with a swappable caption: (image rows, true caption, swapped twin)."""
+    rng = random.Random(seed)
+    demo = demo_images(pairs.source, pairs.images)
+    rows, pos, neg = [], [], []
+    for i, cs in enumerate(caps_of):
+        if not cs:
+            continue
+        own = {pairs.captions[c] for c in cs}
+        true = pairs.captions[cs[0]]
+        # "a blue star left of a blue star" flipped is still true of its picture.
+        d = demo[i]
+        flip = relation_flip(true)
+        if flip and d is not None and template_of(d.scene, true) is not None and symmetric(d.scene):
+            own.add(flip)
+        twin = negative(true, rng, avoid=own)
+        if twin is not None:
+            rows.append(i)
+            pos.append(true)
+            neg.append(twin)
+    if not rows:
+        return np.zeros(0, int), (), ()
+    return (
+        np.array(rows),
+        (*text_features(encoder, pos, desc="true captions"), pos),
+        (*text_features(encoder, neg, desc="swapped captions"), neg),
+    )
+
+
+@dataclass
+class Counterfactuals:
+    """Twin pictures and twin captions of training images (rows -1 where none)."""
+
+    image_row: np.ndarray  # [N images] row of the image's twin picture, or -1
+    text_row: np.ndarray  # [M captions] row of the caption's twin caption, or -1
+    image_tokens: torch.Tensor  # [T, P, Di] float16
+    text_tokens: torch.Tensor  # [U, L, Dt] float16
+    text_mask: torch.Tensor  # [U, L]
+    texts: list[str]  # [U] the twin captions
+
+
+@torch.inference_mode()
+def counterfactual_set(
+    encoder: Encoder, pairs: PairSet, caps_of: list[list[int]], seed: int, batch: int = 128
+) -> Counterfactuals | None:
+    """Render and encode a counterfactual twin of every demo image with 2+ objects.
+
+    Each of the image's captions gets the twin's caption in the same paraphrase. None
+    when the pairs are not a demo corpus (no ``corpus.json`` beside them). No twin is
+    a val or test scene.
+    """
+    demo = demo_images(pairs.source, pairs.images)
+    specs = {d.spec for d in demo if d is not None}
+    avoid = frozenset().union(*(held_out_keys(spec) for spec in specs))
+    rng = random.Random(seed)
+    image_row = np.full(len(pairs.images), -1)
+    text_row = np.full(len(pairs.captions), -1)
+    twins, texts = [], []
+    for i, d in enumerate(demo):
+        if d is None or not caps_of[i]:
+            continue
+        paraphrase = [template_of(d.scene, pairs.captions[c]) for c in caps_of[i]]
+        twin = twin_scene(d.scene, rng, avoid) if None not in paraphrase else None
+        if twin is None:
+            continue
+        image_row[i] = len(twins)
+        twins.append((d, twin))
+        twin_caps = scene_captions(twin)
+        reverse = reversed_order(d.scene, twin)
+        for c, k in zip(caps_of[i], paraphrase, strict=True):
+            text_row[c] = len(texts)
+            # A reversed twin is also described by the caption's relation flipped
+            # ("A right of B" for "A left of B"): half of them get that wording, so the
+            # relation words themselves are learnt, not only the order of the objects.
+            flipped = relation_flip(pairs.captions[c]) if reverse else None
+            texts.append(flipped if flipped and rng.random() < 0.5 else twin_caps[k])
+    if not twins:
+        return None
+    toks = []
+    for s in tqdm(range(0, len(twins), batch), desc="counterfactual twins", unit="batch"):
+        x = torch.stack(
+            [encoder.preprocess_image(render_twin(d, t)) for d, t in twins[s : s + batch]]
+        )
+        toks.append(encoder.image_tokens(x)[1].half())
+    _, t_tok, t_mask = text_features(encoder, texts, desc="twin captions")
+    return Counterfactuals(image_row, text_row, torch.cat(toks), t_tok, t_mask, texts)
+
+
+@dataclass
+class CompositionalNegatives:
+    """Text-only swapped captions (compositional_set's), as token features."""
+
+    text_tokens: torch.Tensor  # [C, L, Dt] float16
+    text_mask: torch.Tensor  # [C, L]
+
+
+@dataclass
+class TrainingSet:
+    """What a reranker run trains on: the training pairs' features and the negatives
+    computed once from them (a compositional swap per image, counterfactual twins)."""
+
+    feats: Features
+    caps_of: list[list[int]]  # [N images] their caption rows
+    pairs: PairSet  # the images and captions kept (features cover exactly these)
+    comp_of: dict[int, int]  # image row -> row of its swapped caption in ``comp``
+    comp: CompositionalNegatives | None
+    cf: Counterfactuals | None
+
+
+def training_set(
+    encoder: Encoder,
+    pairs_path: str,
+    images: int | None,
+    captions_per_image: int,
+    counterfactual: bool,
+    seed: int,
+) -> TrainingSet:
+    """Read the pairs file and compute everything the training steps draw from."""
+    pairs = read_pairs(pairs_path)
+    feats, caps_of, pairs = features_for(encoder, pairs, images, captions_per_image, seed)
+    # One compositional twin per image (when its caption allows a swap).
+    comp_rows, _, comp_neg = compositional_set(encoder, pairs, caps_of, seed)
+    comp_of = {int(r): j for j, r in enumerate(comp_rows)}
+    comp = CompositionalNegatives(*comp_neg[1:3]) if len(comp_rows) else None
+    cf = counterfactual_set(encoder, pairs, caps_of, seed) if counterfactual else None
+    return TrainingSet(feats, caps_of, pairs, comp_of, comp, cf)
