@@ -12,45 +12,29 @@ Recall after reranking (``xmodal eval --rerank``) needs the reranker's training 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from xmodal.crossmodal.encoder import Encoder
-from xmodal.crossmodal.images import ImageDecodeError, decode_image
 from xmodal.crossmodal.metrics import retrieval_recall
+from xmodal.crossmodal.pair_images import ImageFailure, decode_pair_images
 from xmodal.crossmodal.pairs import PairSet, read_pairs
-
-
-def _decoded(encoder: Encoder, paths: list[Path], workers: int) -> Iterator[torch.Tensor | str]:
-    def one(path: Path) -> torch.Tensor | str:
-        try:
-            return encoder.preprocess_image(decode_image(path))
-        except (OSError, ImageDecodeError) as exc:
-            return f"{path}: {exc}"
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        yield from pool.map(one, paths)
 
 
 def embed_pairs(
     encoder: Encoder, pairs: PairSet, batch_size: int = 64, workers: int = 2, progress: bool = True
-) -> tuple[np.ndarray, list[int], list[str]]:
-    """Embed every image that loads: (embeddings [kept, D], kept indices, failure messages)."""
+) -> tuple[np.ndarray, list[int], list[ImageFailure]]:
+    """Embed every image that loads: (embeddings [kept, D], kept indices, failures)."""
     kept: list[int] = []
-    failures: list[str] = []
+    failures: list[ImageFailure] = []
     chunks: list[np.ndarray] = [np.zeros((0, encoder.dim), np.float32)]
     batch: list[torch.Tensor] = []
-    bar = tqdm(total=len(pairs.images), desc="images", unit="img", disable=not progress)
-    for i, item in enumerate(_decoded(encoder, pairs.images, workers)):
-        bar.update()
-        if isinstance(item, str):
-            failures.append(item)
-            continue
+    decoded = decode_pair_images(
+        pairs.images, encoder.preprocess_image, failures, workers, progress=progress
+    )
+    for i, item in decoded:
         kept.append(i)
         batch.append(item)
         if len(batch) == batch_size:
@@ -58,7 +42,6 @@ def embed_pairs(
             batch = []
     if batch:
         chunks.append(encoder.encode_image_tensors(torch.stack(batch)))
-    bar.close()
     return np.concatenate(chunks), kept, failures
 
 
@@ -92,7 +75,7 @@ def evaluate_pairs(
     recall = retrieval_recall(image_emb, text_emb, pairs.caption_image)
     return {
         **report_head(encoder, pairs_path, pairs, len(failures)),
-        "failures": failures[:20],
+        "failures": [str(f) for f in failures[:20]],
         **recall,
         "seconds": round(time.time() - started, 2),
     }

@@ -10,14 +10,16 @@ same features.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
+from itertools import groupby
 
 import numpy as np
 import torch
 from tqdm import tqdm
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import DataError
-from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.crossmodal.pair_images import ImageFailure, decode_pair_images, describe_failures
 from xmodal.crossmodal.pairs import PairSet, read_pairs
 from xmodal.crossmodal.reranker import pad_tokens
 
@@ -39,24 +41,29 @@ from .rerank_eval import Features
 def image_features(
     encoder: Encoder, paths: list, batch: int = 128, desc: str = "image features"
 ) -> tuple[np.ndarray, torch.Tensor, list[int]]:
-    """(embeddings [N, D], patch tokens [N, P, Di] float16, indices that loaded)."""
+    """(embeddings [N, D], patch tokens [N, P, Di] float16, indices that loaded).
+
+    Images that fail to load are left out with a warning naming the first few;
+    DataError when none loads.
+    """
     embs, toks, kept = [], [], []
-    for s in tqdm(range(0, len(paths), batch), desc=desc, unit="batch"):
-        x, ok = [], []
-        for i, p in enumerate(paths[s : s + batch]):
-            try:
-                x.append(encoder.preprocess_image(decode_image(p)))
-                ok.append(s + i)
-            except (OSError, ImageDecodeError):
-                continue
-        if not x:
-            continue
+    failures: list[ImageFailure] = []
+    decoded = decode_pair_images(paths, encoder.preprocess_image, failures, desc=desc)
+    # Batches of ``batch`` paths (fewer images where some failed): the batches, and
+    # so the encoder's float results, are the same as before failures were reported.
+    for _, group in groupby(decoded, key=lambda item: item[0] // batch):
+        idx, x = zip(*group, strict=True)
         emb, tok = encoder.image_tokens(torch.stack(x))
         embs.append(emb)
         toks.append(tok.half())
-        kept += ok
+        kept += idx
     if not kept:
-        raise DataError("no image could be loaded")
+        raise DataError(f"no image could be loaded ({describe_failures(failures)})")
+    if failures:
+        warnings.warn(
+            f"{len(failures)} of {len(paths)} images left out ({describe_failures(failures)})",
+            stacklevel=3,  # the caller, past inference_mode's wrapper
+        )
     return np.concatenate(embs), torch.cat(toks), kept
 
 

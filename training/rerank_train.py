@@ -33,11 +33,11 @@ with the weights.
 from __future__ import annotations
 
 import json
-import math
 import platform
-import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from xmodal.crossmodal.metrics import retrieval_recall
 from xmodal.crossmodal.pairs import read_pairs
 from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig, itm_loss
 
+from .loop import seed_all, set_lr, warmup_cosine
 from .rerank_eval import Features, compositional_accuracy, reranked_recall
 from .rerank_features import TrainingSet, compositional_set, features_for, training_set
 from .rerank_sampling import HardNegatives, StepPairs, hard_negatives, sample_step
@@ -138,12 +139,6 @@ def new_reranker(feats: Features, cfg: RerankTrainConfig) -> CrossModalReranker:
     return CrossModalReranker(rcfg)
 
 
-def _lr_at(cfg: RerankTrainConfig, step: int, total: int, warmup: int) -> float:
-    lr = cfg.lr * min(1.0, (step + 1) / warmup)
-    lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
-    return lr
-
-
 def optimisation_step(
     model: CrossModalReranker,
     opt: torch.optim.Optimizer,
@@ -175,20 +170,18 @@ def train_epoch(
     rng: np.random.Generator,
     cfg: RerankTrainConfig,
     epoch: int,
+    lr_at: Callable[[int], float],
     first_step: int,
 ) -> dict[str, Any]:
-    """One pass over the training images in a random order; returns its history line."""
+    """One pass over the training images in a random order, the learning rate of run
+    step ``first_step + b`` at its step b; returns the epoch's history line."""
     n = len(data.caps_of)
     steps_per_epoch = max(1, n // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, total // 20)
     perm = rng.permutation(n)
     losses, accs = [], []
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step")
     for b in bar:
-        lr = _lr_at(cfg, first_step + b, total, warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr_at(first_step + b))
         imgs = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         loss, acc = optimisation_step(model, opt, sample_step(data, negs, imgs, rng), cfg)
         losses.append(loss)
@@ -269,9 +262,7 @@ def save_run(
 def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
     """Train, tune w on val, save; returns the metrics also written to OUT/metrics.json."""
     started = time.time()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     encoder = Encoder.load(cfg.model, cfg.pretrained)
     data = training_set(
@@ -282,8 +273,12 @@ def train_reranker(cfg: RerankTrainConfig) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     negs = hard_negatives(data)
     steps_per_epoch = max(1, len(data.caps_of) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    lr_at = partial(
+        warmup_cosine, lr=cfg.lr, total=total, warmup=max(1, total // 20), decay_from_start=True
+    )
     history = [
-        train_epoch(model, opt, data, negs, rng, cfg, epoch, (epoch - 1) * steps_per_epoch)
+        train_epoch(model, opt, data, negs, rng, cfg, epoch, lr_at, (epoch - 1) * steps_per_epoch)
         for epoch in range(1, cfg.epochs + 1)
     ]
     model.eval()

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from xmodal.crossmodal.errors import DataError, ModelError
-from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.crossmodal.errors import ModelError
 from xmodal.crossmodal.loading import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -41,8 +38,11 @@ from xmodal.crossmodal.loading import (
     read_local_dir_config,
 )
 from xmodal.crossmodal.metrics import retrieval_recall
+from xmodal.crossmodal.pair_images import load_pair_images
 from xmodal.crossmodal.pairs import PairSet, read_pairs
 from xmodal.crossmodal.registry import model_config, register_config
+
+from .loop import seed_all, set_lr, warmup_cosine
 
 FROZEN_TEXT_PREFIX = "text.transformer."
 
@@ -78,12 +78,6 @@ class EpochLog:
     loss: float
     seconds: float
     val: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _read_config_file(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -151,27 +145,12 @@ def load_images(
     """Decode every image to uint8 [N, 3, H, W]; returns (tensor, kept indices, failures)."""
     resize, _, _ = _split_preprocess(preprocess)
 
-    def one(path: Path) -> torch.Tensor | str:
-        try:
-            img = resize(decode_image(path))  # float [3, H, W] in [0, 1]
-        except (OSError, ImageDecodeError) as exc:
-            return f"{path}: {exc}"
+    def to_uint8(image: Any) -> torch.Tensor:
+        img = resize(image)  # float [3, H, W] in [0, 1]
         return (img * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
 
-    tensors: list[torch.Tensor] = []
-    kept: list[int] = []
-    failures: list[str] = []
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = pool.map(one, pairs.images)
-        for i, res in enumerate(tqdm(results, total=len(pairs.images), desc=desc, unit="img")):
-            if isinstance(res, str):
-                failures.append(res)
-            else:
-                tensors.append(res)
-                kept.append(i)
-    if not tensors:
-        raise DataError(f"no image of {pairs.source} could be loaded ({len(failures)} failed)")
-    return torch.stack(tensors), kept, failures
+    images, kept, failures = load_pair_images(pairs, to_uint8, workers, desc)
+    return images, kept, [str(f) for f in failures]
 
 
 class TextSide:
@@ -334,7 +313,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import open_clip
 
     started = time.time()
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -392,13 +371,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step")
         for b in bar:
-            lr = cfg.lr * (
-                step / warmup
-                if step < warmup
-                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-            )
-            for g in opt.param_groups:
-                g["lr"] = lr
+            lr = warmup_cosine(step, cfg.lr, total_steps, warmup)
+            set_lr(opt, lr)
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             cap = np.array([caps_of[i][rng.integers(len(caps_of[i]))] for i in idx])
             positives = torch.tensor(
