@@ -23,9 +23,14 @@ def is_coca(encoder: Encoder) -> bool:
 
 
 class CocaScorer:
-    """Scores (caption, image tokens) pairs with a CoCa model's decoder."""
+    """Scores (caption, image tokens) pairs with a CoCa model's decoder.
 
-    needs_text_features = False
+    A ``MatchScorer`` (``crossmodal.scoring``): search calls ``match_scores``.
+    """
+
+    kind = "coca"
+    needs_text_features = False  # reads the raw text, tokenized by CoCa itself
+    uses_token_cache = False  # the bundle's token cache is kept for the cross-attention reranker
 
     def __init__(self, encoder: Encoder, fusion_weight: float = 1.0) -> None:
         if not is_coca(encoder):
@@ -45,6 +50,21 @@ class CocaScorer:
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1))[..., 0]
         real = (labels != 0).float()  # padding is 0 in open_clip's tokenizer
         return (logp * real).sum(1) / real.sum(1).clamp(min=1.0)  # [B]
+
+    def match_scores(
+        self,
+        texts: Sequence[str],
+        text_tokens: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        image_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean log p(text | image) [B] (``MatchScorer``); token features are unused.
+
+        One image ([1, P, W]) is scored against every text.
+        """
+        if image_tokens.shape[0] == 1 and len(texts) != 1:
+            image_tokens = image_tokens.expand(len(texts), -1, -1)
+        return self(texts, image_tokens)
 
     def fuse(self, scores: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
         """Final ranking score."""

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import XmodalError
+
 # Formats we decode. HEIF/AVIF join when pillow-heif registers its opener.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _HEIF_FORMATS: tuple[str, ...] = ("HEIF", "AVIF")
@@ -36,7 +38,7 @@ QUERY_SIDE: int = 512
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not grey pixels
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(XmodalError):
     """The bytes are not an allowed, sound image; the message says why."""
 
 

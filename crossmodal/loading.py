@@ -35,13 +35,13 @@ from .errors import (
 )
 from .registry import (
     DEFAULT_MODEL_DIR,
+    LOCAL_DIR,
     model_config,
     register_config,
     register_shipped,
     sha256_file,
 )
 
-LOCAL_DIR = "local-dir:"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 # Checkpoint names open_clip looks for in a folder, in its order of preference.
@@ -104,7 +104,7 @@ class LoadedModel:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_model_build() -> Iterator[None]:
     """Silence open_clip's and transformers' chatter while a model is built.
 
     open_clip logs 'initialized randomly/partially' before we load our own weights,
@@ -136,7 +136,12 @@ def _known_names() -> list[str]:
     return open_clip.list_models()
 
 
-def _ensure_name(name: str) -> None:
+def ensure_known_model(name: str) -> None:
+    """Make sure open_clip can build the model config ``name``.
+
+    One of xmodal's shipped configs is registered with open_clip on first use; a name
+    open_clip does not know either raises UnknownModelError naming close matches.
+    """
     import open_clip
 
     if register_shipped(name) or name in open_clip.list_models():
@@ -274,7 +279,7 @@ def _load_local_dir(folder: Path, pretrained_value: str) -> LoadedModel:
     # Towers the checkpoint leaves out because they are frozen pretrained weights that
     # come from their own verified files (e.g. the MiniLM text tower).
     omitted = tuple(meta.get("omitted_prefixes", ()))
-    with _quiet():
+    with quiet_model_build():
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
             pretrained=None,
@@ -290,14 +295,14 @@ def _load_local_dir(folder: Path, pretrained_value: str) -> LoadedModel:
 def _load_named(name: str, pretrained: str | None) -> LoadedModel:
     import open_clip
 
-    _ensure_name(name)
+    ensure_known_model(name)
     model_cfg = model_config(name)
     if pretrained is None:
-        with _quiet():
+        with quiet_model_build():
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
         return _finish(model, preprocess, name, None, None, model_cfg)
     if os.path.isfile(pretrained):
-        with _quiet():
+        with quiet_model_build():
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
         read_state_dict_into(model, Path(pretrained))
         return _finish(model, preprocess, name, pretrained, Path(pretrained), model_cfg)
@@ -317,9 +322,9 @@ def _load_named(name: str, pretrained: str | None) -> LoadedModel:
             f"could not get weights for {name} / {pretrained} ({type(exc).__name__}): "
             "open_clip downloads them from the Hugging Face hub, which needs a network. "
             "Offline, pass a checkpoint file (--pretrained /path/open_clip_model.safetensors) "
-            "or a local-dir:/path folder."
+            f"or a {LOCAL_DIR}/path folder."
         ) from exc
-    with _quiet():
+    with quiet_model_build():
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     return _finish(model, preprocess, name, pretrained, weights, model_cfg)
 

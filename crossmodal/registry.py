@@ -22,12 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, ModelError
+from .errors import ModelError, WeightsIntegrityError
 
 CONFIG_DIR = Path(str(importlib.resources.files("xmodal.crossmodal") / "model_configs"))
 # The built-in default model: config + weights trained by `xmodal train` (see its README),
 # package data of xmodal.models (installed as plain files, so a Path is safe).
 DEFAULT_MODEL_DIR = Path(str(importlib.resources.files("xmodal.models") / "xmodal-shapes"))
+# How a model folder is named where a model name or pretrained tag is expected
+# (``local-dir:/path``, open_clip's own prefix). Here, not in ``loading``: the CLI reads it
+# without importing torch.
+LOCAL_DIR = "local-dir:"
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def packaged_tower_path(tower: PackagedTextTower) -> Path:
     """The verified local folder of a packaged text tower.
 
-    Raises ModelError when the package is missing and IntegrityError when its weights
+    Raises ModelError when the package is missing and WeightsIntegrityError when its weights
     file is not byte-for-byte the pinned one.
     """
     try:
@@ -91,7 +95,7 @@ def packaged_tower_path(tower: PackagedTextTower) -> Path:
         raise ModelError(f"text tower weights missing: {weights} (reinstall {tower.package})")
     digest = sha256_file(weights)
     if digest != tower.sha256:
-        raise IntegrityError(
+        raise WeightsIntegrityError(
             f"refusing text tower weights {weights}: sha256 {digest} differs from the pinned "
             f"{tower.sha256} ({tower.package} changed; reinstall the pinned version)"
         )

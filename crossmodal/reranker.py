@@ -14,6 +14,7 @@ The final ranking score fuses both: ``score = match_logit + fusion_weight * cosi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,7 +91,14 @@ class Block(nn.Module):
 
 
 class CrossModalReranker(nn.Module):
-    """Scores (text, image) pairs from token features: one match logit per pair."""
+    """Scores (text, image) pairs from token features: one match logit per pair.
+
+    A ``MatchScorer`` (``crossmodal.scoring``): search calls ``match_scores``.
+    """
+
+    kind = "cross-attention"
+    needs_text_features = True  # reads the text tower's token features
+    uses_token_cache = True  # the indexer caches the image tokens it reads
 
     def __init__(self, cfg: RerankerConfig) -> None:
         super().__init__()
@@ -152,6 +160,23 @@ class CrossModalReranker(nn.Module):
                 k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
             x = block(x, pad, k, v)
         return self.itm(self.ln_out(x[:, 0])).squeeze(-1)  # [B]
+
+    @property
+    def fusion_weight(self) -> float:
+        """w in: score = match logit + w * cosine (kept in the config, tuned on val)."""
+        return self.cfg.fusion_weight
+
+    def match_scores(
+        self,
+        texts: Sequence[str],
+        text_tokens: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        image_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Match logits [B] from token features (``MatchScorer``); ``texts`` are unused."""
+        if text_tokens is None or text_mask is None:
+            raise ValueError("the cross-attention reranker scores token features: none given")
+        return self(text_tokens, text_mask, image_tokens)
 
     def fuse(self, logits: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
         """Final ranking score of pairs: match logit + w * dual-encoder cosine."""

@@ -1,0 +1,34 @@
+"""The offline indexer: folders and caption files into an index bundle (FAISS indexes,
+a SQL catalog, a manifest), incremental, resumable, one writer at a time; and the
+bundle format itself (``bundle``), the one module the search side reads bundles through.
+
+Names load on first use (``xmodal.crossmodal.lazy``).
+"""
+
+from xmodal.crossmodal.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        # running the indexer
+        "IndexOptions": "pipeline",
+        "RunReport": "pipeline",
+        "IndexRunError": "pipeline",
+        "run_index": "pipeline",
+        "writer_pid": "lock",
+        "check_caption_file": "captions",
+        "read_regular_file": "captions",
+        "MAX_FILE_BYTES": "decode",
+        "verify_bundle": "verify",
+        "VerifyReport": "verify",
+        # the bundle contract (what search reads)
+        "Bundle": "bundle",
+        "BundleError": "bundle",
+        "ImageHit": "bundle",
+        "CaptionHit": "bundle",
+        "Manifest": "bundle",
+        "read_manifest": "bundle",
+        "manifest_stamp": "bundle",
+        "CatalogError": "catalog",
+    },
+)

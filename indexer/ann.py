@@ -25,11 +25,17 @@ from collections.abc import Iterator
 
 import faiss
 import numpy as np
+from xmodal.crossmodal.errors import XmodalError
 
 EXACT_LIMIT = 50_000
 TARGET_RECALL = 0.97  # tuning target (leave-one-out on stored vectors); the bar is 0.95
 TUNE_QUERIES = 200  # stored vectors asked for their neighbours when tuning nprobe
 METRIC = faiss.METRIC_INNER_PRODUCT  # unit vectors: inner product = cosine
+
+
+class IndexTypeError(XmodalError):
+    """A FAISS factory string that cannot be built, or an index type that cannot do what
+    is asked of it (list its ids, give its vectors back exactly)."""
 
 
 def choose_factory(n: int) -> str:
@@ -83,10 +89,10 @@ def build(factory: str, dim: int, train_vectors: np.ndarray | None = None) -> fa
     try:
         index = faiss.index_factory(dim, factory, METRIC)
     except RuntimeError as exc:
-        raise ValueError(f"bad FAISS factory string {factory!r}: {exc}") from exc
+        raise IndexTypeError(f"bad FAISS factory string {factory!r}: {exc}") from exc
     if not index.is_trained:
         if train_vectors is None or len(train_vectors) == 0:
-            raise ValueError(f"index {factory!r} needs training vectors")
+            raise IndexTypeError(f"index {factory!r} needs training vectors")
         index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
     if _is_ivf(index):
         ivf = faiss.extract_index_ivf(index)
@@ -112,7 +118,7 @@ def index_ids(index: faiss.Index) -> np.ndarray:
                 parts.append(faiss.rev_swig_ptr(ptr, size).copy())
                 invlists.release_ids(list_no, ptr)
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-    raise ValueError(f"cannot list the ids of a {type(index).__name__}")
+    raise IndexTypeError(f"cannot list the ids of a {type(index).__name__}")
 
 
 def remove(index: faiss.Index, ids: np.ndarray) -> int:
@@ -233,11 +239,11 @@ def stored_vector_chunks(
     """Every (ids [n], vectors [n, d]) the index holds, a chunk at a time, as stored.
 
     For flat, HNSW-flat and IVF-flat indexes (``stores_exact_vectors``); others raise
-    ValueError. Nothing is decoded or searched: a garbled vector comes back as it is.
+    IndexTypeError. Nothing is decoded or searched: a garbled vector comes back as it is.
     """
     storage = _exact_storage(index)
     if storage is None:
-        raise ValueError(f"a {type(index).__name__} does not store its vectors exactly")
+        raise IndexTypeError(f"a {type(index).__name__} does not store its vectors exactly")
     d = index.d
     if isinstance(storage, faiss.IndexIVFFlat):
         invlists = storage.invlists

@@ -42,6 +42,7 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.loading import ModelIdentity
 
 from .catalog import (
@@ -70,7 +71,7 @@ CATALOG_FILE = "catalog.sqlite"
 KINDS = ("images", "captions")
 
 
-class BundleError(RuntimeError):
+class BundleError(XmodalError):
     """A bundle is missing, unreadable, inconsistent or built by another model."""
 
 

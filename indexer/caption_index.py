@@ -16,6 +16,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.errors import DataError, XmodalError
 
 from .captions import CaptionRecord, read_caption_file
 from .catalog import INDEXED, CaptionLink, CaptionRow, CaptionTokens, ImageRow, Root
@@ -24,7 +25,7 @@ from .tokens import TokenBudget, token_fields
 BATCH = 512
 
 
-class CaptionFileError(ValueError):
+class CaptionFileError(XmodalError):
     """A caption file cannot be read at all (unknown type, no caption column)."""
 
 
@@ -37,7 +38,7 @@ def read_corpora(
     for path in files:
         try:
             parsed = read_caption_file(path)
-        except ValueError as exc:
+        except DataError as exc:
             raise CaptionFileError(str(exc)) from exc
         problems.extend(parsed.problems)
         counts["caption_rows_skipped"] += len(parsed.problems)

@@ -37,6 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from xmodal.crossmodal.errors import XmodalError
 
 SCHEMA_VERSION = 3
 
@@ -53,7 +54,7 @@ BUNDLE_PATH_KEY = "bundle_path"
 SQLITE_MEMORY = ("", ":memory:")  # SQLite database names that mean "in memory"
 
 
-class CatalogError(RuntimeError):
+class CatalogError(XmodalError):
     """The catalog cannot be opened or is from an incompatible version."""
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+from xmodal.crossmodal.errors import XmodalError
 
 from .catalog import open_engine
 
@@ -37,7 +38,7 @@ PG_LOCK_CLASS = 0x786D6F64  # "xmod"
 _APP_NAME_PREFIX = "xmodal index pid "
 
 
-class LockHeld(RuntimeError):
+class LockHeld(XmodalError):
     """Another process holds the writer lock; ``pid`` is its process id when known."""
 
     def __init__(self, where: str, pid: int | None) -> None:

@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.errors import XmodalError
 
 from .bundle import (
     BundleError,
@@ -70,7 +71,7 @@ from .sources import CANDIDATE, Entry, walk
 from .tokens import TokenBudget, token_fields, tokens_of
 
 
-class IndexRunError(RuntimeError):
+class IndexRunError(XmodalError):
     """The run itself cannot proceed (bad root, wrong model, unreachable catalog)."""
 
 
@@ -132,6 +133,26 @@ def _held_by(rel: bytes, unreadable: set[bytes]) -> bytes | None:
     return None
 
 
+@dataclass
+class _RootPass:
+    """One root's pass through a run: what the scan and the catalog say of its files,
+    and what hashing, decoding and encoding them gathers."""
+
+    root_id: int
+    known: dict[bytes, Any]  # relpath -> light catalog row
+    vanished: dict[bytes, Any]  # rows whose file is gone (not hidden by an unreadable one)
+    vanished_by_hash: dict[str, Any]  # indexed vanished rows by content: a rename reuses one
+    vanished_sizes: set[int]  # a file of such a size may be one of them: hashed first
+    kept_under: Counter  # unreadable entry -> how many rows it hides (kept as they were)
+    by_key: dict[bytes, Entry] = field(default_factory=dict)  # queued files by job key
+    hash_jobs: list[Job] = field(default_factory=list)  # content may be known: hash first
+    full_jobs: list[Job] = field(default_factory=list)  # decode at once
+    stored_hashes: set[str] = field(default_factory=set)  # of indexed rows, any root
+    renamed_from: set[bytes] = field(default_factory=set)  # old paths a rename reused
+    pending: list[tuple[Entry, Decoded]] = field(default_factory=list)  # awaiting a batch
+    bar: Any = None  # the progress bar while decoding
+
+
 class Indexer:
     """One indexing run over a bundle."""
 
@@ -141,7 +162,6 @@ class Indexer:
         self.bundle = Path(opts.bundle)
         self.report = RunReport()
         self.manifest: Manifest | None = None
-        self._renamed_from: set[bytes] = set()  # old paths whose rows a rename reused
         self.budget: TokenBudget | None = None  # set when token features are cached
 
     # ------------------------------------------------------------------ setup
@@ -282,11 +302,21 @@ class Indexer:
         for root in roots:
             self._index_root(root, root_ids[root], roots, skip)
 
-    def _index_root(self, root: bytes, root_id: int, roots: list[bytes], skip: list[bytes]):
-        counts = self.report.counts
+    def _index_root(self, root: bytes, root_id: int, roots: list[bytes], skip: list[bytes]) -> None:
+        """One root, step by step: scan, compare with the catalog, record what the scan
+        decides, hash / decode / encode the rest, mark what vanished as removed."""
+        known = self._known_rows(root_id)
+        entries = self._scan(root, roots, skip, known)
+        work = self._compare(root, root_id, known, entries)
+        self._triage(work, entries)
+        self._process(work)
+        self._mark_removed(work)
+
+    def _known_rows(self, root_id: int) -> dict[bytes, Any]:
+        """The catalog's rows of a root by relative path, light (no vector blobs: a
+        100k-file root would otherwise load 100 MB)."""
         with Session(self.engine) as s:
-            # Light rows (no vector blobs): a 100k-file root would otherwise load 100 MB.
-            known = {
+            return {
                 r.relpath: r
                 for r in s.execute(
                     select(
@@ -301,19 +331,33 @@ class Indexer:
                     ).where(ImageRow.root_id == root_id)
                 ).all()
             }
+
+    def _scan(
+        self, root: bytes, roots: list[bytes], skip: list[bytes], known: dict[bytes, Any]
+    ) -> list[Entry]:
+        """Every entry under the root; files indexed with the same size and mtime are not
+        probed further (their entries say so)."""
         indexed_as_is = {
             r.relpath: (r.size, r.mtime_ns) for r in known.values() if r.status == INDEXED
         }
-        entries = list(
+        return list(
             walk(root, roots, skip, lambda rel, size, mt: indexed_as_is.get(rel) == (size, mt))
         )
+
+    def _compare(
+        self, root: bytes, root_id: int, known: dict[bytes, Any], entries: list[Entry]
+    ) -> _RootPass:
+        """Which catalog rows vanished, and which are only hidden by what could not be read.
+
+        Refuses (IndexRunError) a root that is empty while the catalog holds files of it:
+        an unmounted drive is not a deletion.
+        """
         present = {e.relpath for e in entries}
         # What could not be read (a folder not listable, a file not stat-able) is a
         # failure of this run, never a deletion: its rows, and those under it, are kept.
         unreadable = {e.relpath for e in entries if e.unreadable}
         held = {rel: _held_by(rel, unreadable) for rel in known if rel not in present}
         held = {rel: by for rel, by in held.items() if by is not None}
-        kept_under = Counter(held.values())
         if not entries and known and not self.opts.allow_empty_roots:
             raise IndexRunError(
                 f"{root.decode(errors='replace')} is empty but the catalog holds {len(known)} "
@@ -324,61 +368,81 @@ class Indexer:
             rel: row for rel, row in known.items() if rel not in present and rel not in held
         }
         if kept := sum(1 for rel in held if known[rel].status == INDEXED):
-            counts["kept_unreadable"] += kept
-        # Vectors of vanished files, by content: a rename or move reuses them.
-        vanished_by_hash = {
-            r.content_hash: r for r in vanished.values() if r.status == INDEXED and r.content_hash
-        }
-        vanished_sizes = {r.size for r in vanished.values()}
-        full_jobs: list[Job] = []
-        hash_jobs: list[Job] = []
-        by_key: dict[bytes, Entry] = {}
+            self.report.counts["kept_unreadable"] += kept
+        return _RootPass(
+            root_id=root_id,
+            known=known,
+            vanished=vanished,
+            # Vectors of vanished files, by content: a rename or move reuses them.
+            vanished_by_hash={
+                r.content_hash: r
+                for r in vanished.values()
+                if r.status == INDEXED and r.content_hash
+            },
+            vanished_sizes={r.size for r in vanished.values()},
+            kept_under=Counter(held.values()),
+        )
+
+    def _triage(self, work: _RootPass, entries: list[Entry]) -> None:
+        """Record what the scan alone decides (not an image, unchanged); queue the rest to
+        be hashed (when its content may be known) or decoded."""
         with Session(self.engine) as s, s.begin():
             for e in entries:
-                counts["seen"] += 1
-                row = known.get(e.relpath)
+                self.report.counts["seen"] += 1
+                row = work.known.get(e.relpath)
                 if e.kind != CANDIDATE:
-                    status = EXCLUDED if e.kind == "excluded" else FAILED
-                    counts[status] += 1
-                    if status == FAILED:
-                        reason = e.reason or ""
-                        if n := kept_under[e.relpath]:
-                            reason += f"; {n} files under it are kept as they were"
-                        elif e.unreadable and row is not None and row.status == INDEXED:
-                            reason += "; kept as indexed before"
-                        self.report.failures.append((e.path.decode(errors="replace"), reason))
-                    if e.unreadable and row is not None:
-                        continue  # the row (and vector) stays as it was: nothing was read
-                    same = row is not None and (row.status, row.reason, row.size, row.mtime_ns) == (
-                        status,
-                        e.reason,
-                        e.size,
-                        e.mtime_ns,
-                    )
-                    if not same:
-                        self._upsert(s, root_id, e, row, status=status, reason=e.reason)
-                    continue
-                if row is not None and (row.size, row.mtime_ns) == (e.size, e.mtime_ns):
-                    status = row.status
-                    if status == REMOVED:  # back after an interrupted run marked it gone
-                        status = INDEXED if row.has_vector else FAILED
-                        s.execute(
-                            update(ImageRow).where(ImageRow.id == row.id).values(status=status)
-                        )
-                    if status == FAILED:
-                        counts[FAILED] += 1
-                        self.report.failures.append((e.path.decode(errors="replace"), row.reason))
-                    else:
-                        counts["unchanged"] += 1
-                    continue
-                by_key[e.relpath] = e
-                may_be_known = (row is not None and row.size == e.size) or e.size in vanished_sizes
-                job = Job(e.relpath, e.path, hash_only=may_be_known)
-                (hash_jobs if may_be_known else full_jobs).append(job)
-        self._process(root_id, known, vanished_by_hash, by_key, hash_jobs, full_jobs)
-        # What is still vanished (not reused by a rename) is marked removed: its id leaves
-        # the FAISS index at publication, then the row is purged.
-        gone = [r.id for rel, r in vanished.items() if rel not in self._renamed_from]
+                    self._record_not_candidate(s, work, e, row)
+                elif row is not None and (row.size, row.mtime_ns) == (e.size, e.mtime_ns):
+                    self._record_unchanged(s, e, row)
+                else:
+                    self._queue(work, e, row)
+
+    def _record_not_candidate(self, s: Session, work: _RootPass, e: Entry, row: Any) -> None:
+        """An excluded entry, or one that failed at the scan (unreadable, not a file)."""
+        status = EXCLUDED if e.kind == "excluded" else FAILED
+        self.report.counts[status] += 1
+        if status == FAILED:
+            reason = e.reason or ""
+            if n := work.kept_under[e.relpath]:
+                reason += f"; {n} files under it are kept as they were"
+            elif e.unreadable and row is not None and row.status == INDEXED:
+                reason += "; kept as indexed before"
+            self.report.failures.append((e.path.decode(errors="replace"), reason))
+        if e.unreadable and row is not None:
+            return  # the row (and vector) stays as it was: nothing was read
+        same = row is not None and (row.status, row.reason, row.size, row.mtime_ns) == (
+            status,
+            e.reason,
+            e.size,
+            e.mtime_ns,
+        )
+        if not same:
+            self._upsert(s, work.root_id, e, row, status=status, reason=e.reason)
+
+    def _record_unchanged(self, s: Session, e: Entry, row: Any) -> None:
+        """Same size and mtime as the catalog's row: its outcome stands."""
+        status = row.status
+        if status == REMOVED:  # back after an interrupted run marked it gone
+            status = INDEXED if row.has_vector else FAILED
+            s.execute(update(ImageRow).where(ImageRow.id == row.id).values(status=status))
+        if status == FAILED:
+            self.report.counts[FAILED] += 1
+            self.report.failures.append((e.path.decode(errors="replace"), row.reason))
+        else:
+            self.report.counts["unchanged"] += 1
+
+    def _queue(self, work: _RootPass, e: Entry, row: Any) -> None:
+        """A new or changed file: hashed first when its bytes may be known already (same
+        size as its row, or as a vanished file), else decoded at once."""
+        work.by_key[e.relpath] = e
+        may_be_known = (row is not None and row.size == e.size) or e.size in work.vanished_sizes
+        job = Job(e.relpath, e.path, hash_only=may_be_known)
+        (work.hash_jobs if may_be_known else work.full_jobs).append(job)
+
+    def _mark_removed(self, work: _RootPass) -> None:
+        """What is still vanished (not reused by a rename) is marked removed: its id leaves
+        the FAISS index at publication, then the row is purged."""
+        gone = [r.id for rel, r in work.vanished.items() if rel not in work.renamed_from]
         with Session(self.engine) as s, s.begin():
             for i in range(0, len(gone), 500):
                 s.execute(
@@ -386,7 +450,7 @@ class Indexer:
                     .where(ImageRow.id.in_(gone[i : i + 500]))
                     .values(status=REMOVED, run_id=self.report.run_id)
                 )
-        counts["removed"] += len(gone)
+        self.report.counts["removed"] += len(gone)
 
     def _upsert(
         self,
@@ -433,28 +497,15 @@ class Indexer:
             s.add(ImageTokens(image_id=image_id, **token_fields(tokens)))
         return image_id
 
-    def _process(
-        self,
-        root_id: int,
-        known: dict[bytes, Any],
-        vanished_by_hash: dict[str, Any],
-        by_key: dict[bytes, Entry],
-        hash_jobs: list[Job],
-        full_jobs: list[Job],
-    ) -> None:
-        counts = self.report.counts
-        self._renamed_from = set()
-        total = len(hash_jobs) + len(full_jobs)
+    # ------------------------------------------------------------------ decoding
+
+    def _process(self, work: _RootPass) -> None:
+        """Hash / decode the queued files in worker processes and route each result to its
+        outcome; hashed files that turn out new are decoded in a second pass."""
+        total = len(work.hash_jobs) + len(work.full_jobs)
         if total == 0:
             return
-        # Stored vectors by content hash: any indexed row with the same bytes.
-        with Session(self.engine) as s:
-            hashes = {
-                h
-                for (h,) in s.execute(
-                    select(ImageRow.content_hash).where(ImageRow.status == INDEXED)
-                ).all()
-            }
+        work.stored_hashes = self._stored_hashes()
         h, w = self.encoder.image_size
         pool = DecodePool(
             self.opts.workers,
@@ -462,116 +513,102 @@ class Indexer:
             draft=(w, h),
             timeout_s=self.opts.timeout_s,
         )
-        bar = tqdm(
+        work.bar = tqdm(
             total=total, desc="images", unit="img", disable=not self.opts.progress, smoothing=0.1
         )
-        pending: list[tuple[Entry, Decoded]] = []
-
-        def flush() -> None:
-            if not pending:
-                return
-            pixels = torch.from_numpy(np.stack([d.pixels for _, d in pending]))
-            tokens: list[np.ndarray | None] = [None] * len(pending)
-            if self.budget is not None:
-                vectors, toks = self.encoder.image_tokens(pixels)
-                tokens = list(toks.half().numpy())
-            else:
-                vectors = self.encoder.encode_image_tensors(pixels)
-            with Session(self.engine) as s, s.begin():
-                for (e, d), v, t in zip(pending, vectors, tokens, strict=True):
-                    self._upsert(
-                        s,
-                        root_id,
-                        e,
-                        known.get(e.relpath),
-                        INDEXED,
-                        decoded=d,
-                        vector=_vector_bytes(v),
-                        tokens=t,
-                    )
-            counts[INDEXED] += len(pending)
-            pending.clear()
-
-        def handle(d: Decoded, retry: list[Job]) -> None:
-            e = by_key[d.key]
-            row = known.get(e.relpath)
-            if d.error and d.unreadable and row is not None:
-                # Seen at the scan, unreadable now: a failure of this run, not new content.
-                counts[FAILED] += 1
-                self.report.failures.append(
-                    (e.path.decode(errors="replace"), f"{d.error}; kept as it was")
-                )
-                bar.update()
-                return
-            if d.error:
-                with Session(self.engine) as s, s.begin():
-                    self._upsert(s, root_id, e, row, FAILED, reason=d.error, decoded=d)
-                counts[FAILED] += 1
-                self.report.failures.append((e.path.decode(errors="replace"), d.error))
-                bar.update()
-                return
-            if row is not None and row.status == INDEXED and row.content_hash == d.content_hash:
-                with Session(self.engine) as s, s.begin():  # touched: same bytes
-                    s.execute(
-                        update(ImageRow)
-                        .where(ImageRow.id == row.id)
-                        .values(
-                            size=d.size if d.size is not None else e.size,
-                            mtime_ns=d.mtime_ns if d.mtime_ns is not None else e.mtime_ns,
-                            run_id=self.report.run_id,
-                        )
-                    )
-                counts["unchanged"] += 1
-                bar.update()
-                return
-            moved = vanished_by_hash.pop(d.content_hash, None) if row is None else None
-            if moved is not None:
-                # A rename or move: keep the row (its id is the FAISS id), new path.
-                with Session(self.engine) as s, s.begin():
-                    s.execute(
-                        update(ImageRow)
-                        .where(ImageRow.id == moved.id)
-                        .values(
-                            relpath=e.relpath,
-                            display=e.display,
-                            size=d.size if d.size is not None else e.size,
-                            mtime_ns=d.mtime_ns if d.mtime_ns is not None else e.mtime_ns,
-                            run_id=self.report.run_id,
-                        )
-                    )
-                self._renamed_from.add(moved.relpath)
-                counts["unchanged"] += 1
-                counts["renamed"] += 1
-                bar.update()
-                return
-            if d.content_hash in hashes and self._reuse_copy(root_id, e, row, d):
-                counts[INDEXED] += 1
-                counts["reused"] += 1
-                bar.update()
-                return
-            if d.pixels is None:  # hashed only, and new content after all: decode it
-                retry.append(Job(d.key, e.path))
-                return
-            pending.append((e, d))
-            bar.update()
-            if len(pending) >= self.opts.batch_size:
-                flush()
-
         with pool:
             retry: list[Job] = []
-            for d in pool.run(hash_jobs):
-                handle(d, retry)
-            for d in pool.run(full_jobs + retry):
-                handle(d, [])
-            flush()
-        bar.close()
+            for d in pool.run(work.hash_jobs):
+                self._handle(work, d, retry)
+            for d in pool.run(work.full_jobs + retry):
+                self._handle(work, d, [])
+            self._encode_pending(work)
+        work.bar.close()
         if pool.killed:
-            counts["workers_replaced"] += pool.killed
+            self.report.counts["workers_replaced"] += pool.killed
 
-    # ------------------------------------------------------------------ captions
+    def _stored_hashes(self) -> set[str]:
+        """Content hashes of every indexed row (any root): a copy of one reuses its vector."""
+        with Session(self.engine) as s:
+            return {
+                h
+                for (h,) in s.execute(
+                    select(ImageRow.content_hash).where(ImageRow.status == INDEXED)
+                ).all()
+            }
+
+    def _handle(self, work: _RootPass, d: Decoded, retry: list[Job]) -> None:
+        """Route one hashed or decoded file to its outcome; a hashed file whose content is
+        new after all goes to ``retry``, to be decoded."""
+        e = work.by_key[d.key]
+        row = work.known.get(e.relpath)
+        if d.error and d.unreadable and row is not None:
+            self._keep_unreadable(e, d)
+        elif d.error:
+            self._record_decode_failure(work, e, row, d)
+        elif row is not None and row.status == INDEXED and row.content_hash == d.content_hash:
+            self._touched(e, row, d)
+        elif row is None and d.content_hash in work.vanished_by_hash:
+            self._moved(work, e, work.vanished_by_hash.pop(d.content_hash), d)
+        elif d.content_hash in work.stored_hashes and self._reuse_copy(work.root_id, e, row, d):
+            pass  # a copy of indexed bytes: indexed with the stored vector
+        elif d.pixels is None:  # hashed only, and new content after all: decode it
+            retry.append(Job(d.key, e.path))
+            return
+        else:
+            work.pending.append((e, d))  # encoded with its batch
+        work.bar.update()
+        if len(work.pending) >= self.opts.batch_size:
+            self._encode_pending(work)
+
+    def _keep_unreadable(self, e: Entry, d: Decoded) -> None:
+        """Seen at the scan, unreadable now: a failure of this run, not new content; its
+        row stays as it was."""
+        self.report.counts[FAILED] += 1
+        self.report.failures.append((e.path.decode(errors="replace"), f"{d.error}; kept as it was"))
+
+    def _record_decode_failure(self, work: _RootPass, e: Entry, row: Any, d: Decoded) -> None:
+        """The file could not be decoded (or read, when new): recorded failed, with why."""
+        with Session(self.engine) as s, s.begin():
+            self._upsert(s, work.root_id, e, row, FAILED, reason=d.error, decoded=d)
+        self.report.counts[FAILED] += 1
+        self.report.failures.append((e.path.decode(errors="replace"), d.error))
+
+    def _touched(self, e: Entry, row: Any, d: Decoded) -> None:
+        """Same bytes as its indexed row (a touch): only the size and mtime are updated."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(
+                update(ImageRow)
+                .where(ImageRow.id == row.id)
+                .values(
+                    size=d.size if d.size is not None else e.size,
+                    mtime_ns=d.mtime_ns if d.mtime_ns is not None else e.mtime_ns,
+                    run_id=self.report.run_id,
+                )
+            )
+        self.report.counts["unchanged"] += 1
+
+    def _moved(self, work: _RootPass, e: Entry, moved: Any, d: Decoded) -> None:
+        """A rename or move: the vanished row (its id is the FAISS id) takes the new path."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(
+                update(ImageRow)
+                .where(ImageRow.id == moved.id)
+                .values(
+                    relpath=e.relpath,
+                    display=e.display,
+                    size=d.size if d.size is not None else e.size,
+                    mtime_ns=d.mtime_ns if d.mtime_ns is not None else e.mtime_ns,
+                    run_id=self.report.run_id,
+                )
+            )
+        work.renamed_from.add(moved.relpath)
+        self.report.counts["unchanged"] += 1
+        self.report.counts["renamed"] += 1
 
     def _reuse_copy(self, root_id: int, e: Entry, row: Any, d: Decoded) -> bool:
-        """Index a copy of already indexed bytes with the stored vector (no encoding)."""
+        """Index a copy of already indexed bytes with the stored vector (no encoding);
+        False when no indexed row holds those bytes any more."""
         with Session(self.engine) as s, s.begin():
             src = s.execute(
                 select(ImageRow)
@@ -595,7 +632,37 @@ class Indexer:
             self._upsert(
                 s, root_id, e, row, INDEXED, decoded=copy, vector=src.vector, tokens=tokens
             )
+        self.report.counts[INDEXED] += 1
+        self.report.counts["reused"] += 1
         return True
+
+    def _encode_pending(self, work: _RootPass) -> None:
+        """Encode the decoded files waiting in ``work.pending`` as one batch and commit
+        their rows (with vectors, and token features when they are cached) together."""
+        pending = work.pending
+        if not pending:
+            return
+        pixels = torch.from_numpy(np.stack([d.pixels for _, d in pending]))
+        tokens: list[np.ndarray | None] = [None] * len(pending)
+        if self.budget is not None:
+            vectors, toks = self.encoder.image_tokens(pixels)
+            tokens = list(toks.half().numpy())
+        else:
+            vectors = self.encoder.encode_image_tensors(pixels)
+        with Session(self.engine) as s, s.begin():
+            for (e, d), v, t in zip(pending, vectors, tokens, strict=True):
+                self._upsert(
+                    s,
+                    work.root_id,
+                    e,
+                    work.known.get(e.relpath),
+                    INDEXED,
+                    decoded=d,
+                    vector=_vector_bytes(v),
+                    tokens=t,
+                )
+        self.report.counts[INDEXED] += len(pending)
+        pending.clear()
 
     # ------------------------------------------------------------------ run
 

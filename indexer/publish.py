@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
+from xmodal.crossmodal.errors import XmodalError
 
 from . import ann
 from .bundle import (
@@ -44,7 +45,7 @@ from .catalog import (
 )
 
 
-class PublishError(RuntimeError):
+class PublishError(XmodalError):
     """An index of the requested type cannot be built."""
 
 
@@ -90,7 +91,7 @@ def _build(engine: Engine, model: type, want: np.ndarray, dim: int, factory: str
     train = stored_vectors(engine, model, np.sort(sample), dim) if len(want) else None
     try:
         return ann.build(factory, dim, train)
-    except (ValueError, RuntimeError) as exc:
+    except (ann.IndexTypeError, RuntimeError) as exc:  # RuntimeError: FAISS's own
         raise PublishError(f"cannot build a {factory!r} index: {exc}") from exc
 
 

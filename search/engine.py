@@ -22,33 +22,50 @@ import numpy as np
 from PIL import Image
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import ModelError
-from xmodal.crossmodal.loading import default_model_dir, load_model
+from xmodal.crossmodal.loading import LOCAL_DIR, default_model_dir, load_model
 from xmodal.crossmodal.registry import sha256_file
 from xmodal.indexer.bundle import (
     Bundle,
     BundleError,
+    CatalogError,
     ImageHit,
     manifest_stamp,
     read_manifest,
 )
 
+from .limits import (
+    DEFAULT_K,
+    DEFAULT_RERANK_K,
+    MAX_K,
+    MAX_QUERY_CHARS,
+    MAX_RERANK_K,
+    QueryError,
+)
+from .query import TextQuery
 from .rerank import Reranker, open_scorer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageHit", "ModelMismatchError", "QueryError", "Result", "SearchEngine"]
+# BundleError and CatalogError are what a search raises for a bundle or catalog that
+# cannot be read: offered here, as the search side's API, to callers above it (web).
+__all__ = [
+    "DEFAULT_K",
+    "DEFAULT_RERANK_K",
+    "MAX_K",
+    "MAX_QUERY_CHARS",
+    "MAX_RERANK_K",
+    "BundleError",
+    "CatalogError",
+    "ImageHit",
+    "ModelMismatchError",
+    "QueryError",
+    "Result",
+    "SearchEngine",
+]
 
-MAX_K = 1000
-MAX_RERANK_K = 200
-DEFAULT_RERANK_K = 32
-MAX_QUERY_CHARS = 1000
 # A cosine of unit vectors is in [-1, 1] up to float rounding; a FAISS score beyond this
 # slack comes from a damaged stored vector (1e38 from garbled bytes) and is dropped.
 COSINE_SLACK = 1e-3
-
-
-class QueryError(ValueError):
-    """A query parameter is out of range or malformed."""
 
 
 class ModelMismatchError(BundleError):
@@ -86,7 +103,7 @@ def encoder_for_bundle(bundle: Bundle | Path) -> Encoder:
         return Encoder(load_model())
     pretrained = identity.pretrained
     name = identity.name
-    if pretrained and pretrained.startswith("local-dir:"):
+    if pretrained and pretrained.startswith(LOCAL_DIR):
         return Encoder(load_model(pretrained))
     if pretrained is None:
         raise ModelError(f"bundle {path} was built with random weights of {name}; nothing to load")
@@ -211,7 +228,7 @@ class SearchEngine:
         self,
         kind: str,
         vector: np.ndarray,
-        k: int = 10,
+        k: int = DEFAULT_K,
         min_score: float | None = None,
         exclude: Sequence[int] = (),
     ) -> list[Result]:
@@ -247,21 +264,22 @@ class SearchEngine:
             raise QueryError(f"rerank_k must be an integer from 1 to {MAX_RERANK_K}")
         return self.reranker is not None and rerank is not False
 
-    def text_query(self, q: str) -> tuple:
-        """What a text query needs: (embedding,) or (embedding, tokens, mask) to rerank."""
+    def text_query(self, q: str) -> TextQuery:
+        """What a text query needs: its embedding, with its token features when the
+        reranker reads them."""
         q = check_text(q)
         if self.reranker is not None and self.reranker.needs_text_features:
             return self.reranker.text_query(q)
-        return (self.encoder.encode_texts([q])[0],)
+        return TextQuery(self.encoder.encode_texts([q])[0])
 
     def text_to_images(
         self,
         q: str,
-        k: int = 10,
+        k: int = DEFAULT_K,
         min_score: float | None = None,
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
-        query: tuple | None = None,
+        query: TextQuery | None = None,
     ) -> list[Result]:
         """Images best matching a text; reranked by default when the model has a reranker.
 
@@ -270,21 +288,22 @@ class SearchEngine:
         """
         check_k(k)
         use = self._reranking(rerank, rerank_k)
-        query = query or self.text_query(q)
+        if query is None:
+            query = self.text_query(q)
         if not use:
-            return self.search_vector("images", query[0], k, min_score)
-        cands = self.search_vector("images", query[0], max(k, rerank_k), min_score)
-        if len(query) == 1:  # CoCa scores the raw text
-            query = (query[0], None, None)
+            return self.search_vector("images", query.vector, k, min_score)
+        cands = self.search_vector("images", query.vector, max(k, rerank_k), min_score)
         head = self.reranker.images_for_text(check_text(q), query, cands[:rerank_k])
         return (head + _below(head, cands[rerank_k:]))[:k]
 
-    def text_to_captions(self, q: str, k: int = 10, min_score: float | None = None) -> list[Result]:
+    def text_to_captions(
+        self, q: str, k: int = DEFAULT_K, min_score: float | None = None
+    ) -> list[Result]:
         """Captions closest to a text (dual encoder only: text-text similarity)."""
         return self.search_vector("captions", self.embed_text(q), k, min_score)
 
     def image_to_images(
-        self, image: Image.Image, k: int = 10, min_score: float | None = None
+        self, image: Image.Image, k: int = DEFAULT_K, min_score: float | None = None
     ) -> list[Result]:
         """Images most similar to an image (dual encoder: image-image similarity)."""
         return self.search_vector("images", self.embed_image(image), k, min_score)
@@ -292,7 +311,7 @@ class SearchEngine:
     def image_to_captions(
         self,
         image: Image.Image,
-        k: int = 10,
+        k: int = DEFAULT_K,
         min_score: float | None = None,
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
@@ -307,7 +326,7 @@ class SearchEngine:
         head = self.reranker.captions_for_image(tokens[0], cands[:rerank_k])
         return (head + _below(head, cands[rerank_k:]))[:k]
 
-    def similar_images(self, image_id: int, k: int = 10) -> list[Result]:
+    def similar_images(self, image_id: int, k: int = DEFAULT_K) -> list[Result]:
         """'More like this': neighbours of an indexed image, itself excluded."""
         vector = self.bundle.vectors("images", [image_id])[0]
         if not vector.any():

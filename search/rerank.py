@@ -1,10 +1,11 @@
 """Second stage of search: re-score the dual encoder's top-k with cross-attention.
 
-Two scorers: the project's CrossModalReranker (shipped next to the model in
-``<model folder>/reranker/``) and, for CoCa encoders, CoCa's caption likelihood. The
-final score is ``match score + w * cosine``; candidates beyond the reranked top-k keep
-their dual order after them. Candidates' token features come from the bundle's token
-cache, or are recomputed (image decoded again, caption re-encoded) when not cached.
+Two scorers stand behind the ``MatchScorer`` protocol (``crossmodal.scoring``): the
+project's CrossModalReranker (shipped next to the model in ``<model folder>/reranker/``)
+and, for CoCa encoders, CoCa's caption likelihood. The final score is
+``match score + w * cosine``; candidates beyond the reranked top-k keep their dual order
+after them. Candidates' token features come from the bundle's token cache, or are
+recomputed (image decoded again, caption re-encoded) when not cached.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,15 +22,16 @@ from safetensors import SafetensorError
 from xmodal.crossmodal.coca_scorer import CocaScorer, is_coca
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.images import ImageDecodeError, decode_image
+from xmodal.crossmodal.loading import LOCAL_DIR
 from xmodal.crossmodal.reranker import CONFIG_FILE, CrossModalReranker, pad_tokens
+from xmodal.crossmodal.scoring import MatchScorer, fusion_weight
 from xmodal.indexer.bundle import Bundle
 
-TextQuery = tuple[np.ndarray, torch.Tensor, torch.Tensor]  # (emb [D], tokens [L, Dt], mask [L])
-
+from .limits import QueryError
+from .query import TextQuery
 
 log = logging.getLogger(__name__)
 
-Scorer = CrossModalReranker | CocaScorer
 # Identity fields a reranker records of the encoder it was trained over and that must be
 # the loaded encoder's (its path may differ: the same weights live in several folders).
 IDENTITY_FIELDS = ("name", "sha256", "embed_dim")
@@ -41,9 +42,9 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, Safetenso
 def _folder(encoder: Encoder) -> Path | None:
     """``<model folder>/reranker`` when the encoder came from a folder that has one."""
     pretrained = encoder.identity.pretrained or ""
-    if not pretrained.startswith("local-dir:"):
+    if not pretrained.startswith(LOCAL_DIR):
         return None
-    folder = Path(pretrained[len("local-dir:") :]) / "reranker"
+    folder = Path(pretrained.removeprefix(LOCAL_DIR)) / "reranker"
     return folder if (folder / CONFIG_FILE).is_file() else None
 
 
@@ -89,7 +90,7 @@ def reranker_folder(encoder: Encoder) -> Path | None:
     return folder
 
 
-def open_scorer(encoder: Encoder) -> tuple[Scorer | None, str | None]:
+def open_scorer(encoder: Encoder) -> tuple[MatchScorer | None, str | None]:
     """(scorer, None); (None, None) when the model has no reranker; (None, why) when
     the one next to it cannot be used (trained over other weights, damaged files)."""
     if is_coca(encoder):
@@ -108,7 +109,7 @@ def open_scorer(encoder: Encoder) -> tuple[Scorer | None, str | None]:
     return model, None
 
 
-def load_scorer(encoder: Encoder) -> Scorer | None:
+def load_scorer(encoder: Encoder) -> MatchScorer | None:
     """The cross-attention scorer that goes with this encoder, if there is a usable one
     (an unusable one is reported as a warning and left out: search stays dual-encoder)."""
     scorer, problem = open_scorer(encoder)
@@ -117,31 +118,30 @@ def load_scorer(encoder: Encoder) -> Scorer | None:
     return scorer
 
 
-def fusion_weight(scorer: Any) -> float:
-    """w of a scorer."""
-    return float(scorer.cfg.fusion_weight if hasattr(scorer, "cfg") else scorer.fusion_weight)
-
-
 class Reranker:
     """Re-scores search candidates of one bundle."""
 
-    def __init__(self, bundle: Bundle, encoder: Encoder, scorer: Any) -> None:
+    def __init__(self, bundle: Bundle, encoder: Encoder, scorer: MatchScorer) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.scorer = scorer
         self.w = fusion_weight(scorer)
-        self.needs_text_features = getattr(scorer, "needs_text_features", True)
 
     @property
     def name(self) -> str:
         """What reranks: 'cross-attention' or 'coca'."""
-        return "coca" if isinstance(self.scorer, CocaScorer) else "cross-attention"
+        return self.scorer.kind
+
+    @property
+    def needs_text_features(self) -> bool:
+        """Whether a text query must bring its token features (else its raw text is read)."""
+        return self.scorer.needs_text_features
 
     # ------------------------------------------------------------------ features
 
     def image_tokens(self, ids: list[int]) -> dict[int, torch.Tensor]:
         """Patch tokens of indexed images: cached, else recomputed from the file."""
-        cached = {} if isinstance(self.scorer, CocaScorer) else self.bundle.tokens("images", ids)
+        cached = self.bundle.tokens("images", ids) if self.scorer.uses_token_cache else {}
         out = {i: torch.from_numpy(t.astype(np.float32)) for i, t in cached.items()}
         missing = [i for i in ids if i not in out]
         if missing:
@@ -177,7 +177,7 @@ class Reranker:
     def text_query(self, q: str) -> TextQuery:
         """Embedding and token features of a query text, from one text-tower pass."""
         emb, tok, mask = self.encoder.text_tokens([q])
-        return emb[0], tok[0], mask[0]
+        return TextQuery(emb[0], tok[0], mask[0])
 
     # ------------------------------------------------------------------ reranking
 
@@ -189,9 +189,7 @@ class Reranker:
         mask: torch.Tensor | None,
         image_tok: torch.Tensor,
     ) -> np.ndarray:
-        if self.needs_text_features:
-            return self.scorer(text_tok, mask, image_tok).float().numpy()
-        return self.scorer(texts, image_tok).float().numpy()
+        return self.scorer.match_scores(texts, text_tok, mask, image_tok).float().numpy()
 
     def _merge(self, candidates: list, order_scores: dict[int, tuple[float, float]]) -> list:
         scored = [
@@ -213,13 +211,12 @@ class Reranker:
             return candidates
         image_tok = torch.stack([toks[i] for i in ids])  # [K, P, Di]
         k = len(ids)
-        _, q_tok, q_mask = query
+        q_tok = q_mask = None
         if self.needs_text_features:
-            logits = self._score(
-                [], q_tok[None].expand(k, -1, -1), q_mask[None].expand(k, -1), image_tok
-            )
-        else:
-            logits = self._score([q] * k, None, None, image_tok)
+            if query.tokens is None or query.mask is None:
+                raise QueryError("this reranker needs the query's token features: none given")
+            q_tok, q_mask = query.tokens[None].expand(k, -1, -1), query.mask[None].expand(k, -1)
+        logits = self._score([q] * k, q_tok, q_mask, image_tok)
         cos = {r.id: r.score for r in candidates}
         fused = {
             i: (float(lg + self.w * cos[i]), float(lg)) for i, lg in zip(ids, logits, strict=True)
@@ -232,17 +229,13 @@ class Reranker:
             return candidates
         texts = {r.id: r.caption for r in candidates}
         ids = [r.id for r in candidates]
-        k = len(ids)
+        text_tok = mask = None
         if self.needs_text_features:
             toks = self.caption_tokens(ids, texts)
             ids = [i for i in ids if i in toks]
             text_tok, mask = pad_tokens([toks[i] for i in ids])
-            # One image for every caption: the reranker computes its side once.
-            logits = self._score([], text_tok, mask, image_tok[None])
-        else:
-            logits = self._score(
-                [texts[i] for i in ids], None, None, image_tok[None].expand(k, -1, -1)
-            )
+        # One image for every caption: a scorer computes its side once where it can.
+        logits = self._score([texts[i] for i in ids], text_tok, mask, image_tok[None])
         cos = {r.id: r.score for r in candidates}
         fused = {
             i: (float(lg + self.w * cos[i]), float(lg)) for i, lg in zip(ids, logits, strict=True)

@@ -15,9 +15,9 @@ from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import (
     CheckpointError,
     ConfigMismatchError,
-    IntegrityError,
     PretrainedUnavailableError,
     UnknownModelError,
+    WeightsIntegrityError,
 )
 from xmodal.crossmodal.loading import load_model
 from xmodal.crossmodal.registry import (
@@ -159,7 +159,9 @@ def test_packaged_text_tower_is_verified(tmp_path: Path, monkeypatch) -> None:
     pkg.write_text(f"def get_model_path():\n    return {str(folder)!r}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     tampered = PackagedTextTower(real.hub_id, "fake_tower_pkg", "model.safetensors", real.sha256)
-    with pytest.raises(IntegrityError, match=r"refusing text tower weights .*model.safetensors"):
+    with pytest.raises(
+        WeightsIntegrityError, match=r"refusing text tower weights .*model.safetensors"
+    ):
         packaged_tower_path(tampered)
     sys.modules.pop("fake_tower_pkg", None)
 

@@ -449,5 +449,8 @@ def test_verify_help_lists_every_check() -> None:
     out = _cli("verify", "--help")
     assert out.exit_code == 0
     text = " ".join(out.output.split())
+    places = []
     for check in CHECKS:
         assert " ".join(check.split()) in text, check
+        places.append(text.index(" ".join(check.split())))
+    assert places == sorted(places), "the help lists the checks out of the order they run"

@@ -216,13 +216,13 @@ def test_ctrl_c_during_index_is_one_line_exit_130_and_bundle_verifies(
 
 
 def test_ctrl_c_while_the_cli_loads_is_one_line_exit_130(tmp_path: Path) -> None:
-    # SIGINT delivered at a fixed point of start-up (when numpy is first imported), the
-    # moment a Ctrl+C most often lands in a short command.
+    # SIGINT delivered at a fixed point of start-up (when click, the first library, is
+    # imported), the moment a Ctrl+C most often lands in a short command.
     code = (
         "import builtins, os, runpy, signal, sys\n"
         "real_import = builtins.__import__\n"
         "def interrupting_import(name, *args, **kwargs):\n"
-        "    if name == 'numpy':\n"
+        "    if name == 'click':\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
         "    return real_import(name, *args, **kwargs)\n"
         "builtins.__import__ = interrupting_import\n"

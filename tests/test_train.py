@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.loading import load_model
 from xmodal.crossmodal.registry import DEFAULT_MODEL_DIR
-from xmodal.training.train import TrainConfig, train
+from xmodal.training import TrainConfig, train_model
 
 from xmodal.cli import main
 
@@ -19,7 +19,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model(
     small_corpus: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    metrics = train(
+    metrics = train_model(
         TrainConfig(
             pairs=str(small_corpus / "train.jsonl"),
             val=str(small_corpus / "val.jsonl"),
@@ -63,7 +63,7 @@ def test_same_seed_same_weights(small_corpus: Path, tmp_path: Path) -> None:
             batch_size=32,
             seed=5,
         )
-        train(cfg)
+        train_model(cfg)
         return (tmp_path / name / "open_clip_model.safetensors").read_bytes()
 
     assert run("a") == run("b")

@@ -17,6 +17,7 @@ from xmodal.crossmodal.errors import ModelError
 from xmodal.crossmodal.metrics import retrieval_recall
 from xmodal.crossmodal.pairs import read_pairs
 from xmodal.search.evaluate import report_head
+from xmodal.search.limits import DEFAULT_RERANK_K
 from xmodal.search.rerank import load_scorer
 
 from .negatives import swap_kind
@@ -25,7 +26,7 @@ from .rerank_features import compositional_set, features_for
 
 
 def evaluate_reranked(
-    encoder: Encoder, pairs_path: str | Path, rerank_k: int = 32, seed: int = 0
+    encoder: Encoder, pairs_path: str | Path, rerank_k: int = DEFAULT_RERANK_K, seed: int = 0
 ) -> dict[str, Any]:
     """Recall after reranking the dual top-k (top level), dual-only recall ("dual"), and
     compositional 2-way accuracy, as ``xmodal eval --rerank --json`` prints them."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from xmodal.crossmodal.metrics import image_to_text_ranks, recall_at, text_to_image_ranks
-from xmodal.crossmodal.reranker import CrossModalReranker
+from xmodal.crossmodal.scoring import MatchScorer, fusion_weight
 
 
 @dataclass
@@ -32,15 +32,9 @@ class Features:
     texts: list[str] | None = None  # the captions (scorers that read raw text need them)
 
 
-def fusion_weight(scorer: object) -> float:
-    """w of a scorer (CrossModalReranker keeps it in its config)."""
-    cfg = getattr(scorer, "cfg", None)
-    return float(cfg.fusion_weight if cfg is not None else scorer.fusion_weight)  # type: ignore[attr-defined]
-
-
 @torch.inference_mode()
 def pair_logits(
-    model: CrossModalReranker,
+    model: MatchScorer,
     feats: Features,
     text_idx: np.ndarray,
     image_idx: np.ndarray,
@@ -49,23 +43,20 @@ def pair_logits(
 ) -> np.ndarray:
     """Match scores of (caption, image) index pairs, in chunks (with a progress bar)."""
     out = np.empty(len(text_idx), np.float32)
-    reads_text = not getattr(model, "needs_text_features", True)
     starts = range(0, len(text_idx), chunk)
     for s in tqdm(starts, desc=desc, unit="chunk", disable=len(starts) < 8, leave=False):
         t = torch.as_tensor(text_idx[s : s + chunk])
         i = torch.as_tensor(image_idx[s : s + chunk])
-        if reads_text:  # CoCa: log p(caption | image tokens)
+        texts: list[str] = []
+        text_tok = mask = None
+        if model.needs_text_features:
+            mask = feats.text_mask[t]
+            longest = int(mask.sum(1).max())
+            text_tok, mask = feats.text_tokens[t, :longest].float(), mask[:, :longest]
+        else:  # CoCa: log p(caption | image tokens)
             assert feats.texts is not None
             texts = [feats.texts[j] for j in t.tolist()]
-            out[s : s + chunk] = model(texts, feats.image_tokens[i].float()).numpy()
-            continue
-        mask = feats.text_mask[t]
-        longest = int(mask.sum(1).max())
-        logits = model(
-            feats.text_tokens[t, :longest].float(),
-            mask[:, :longest],
-            feats.image_tokens[i].float(),
-        )
+        logits = model.match_scores(texts, text_tok, mask, feats.image_tokens[i].float())
         out[s : s + chunk] = logits.float().numpy()
     return out
 
@@ -80,7 +71,7 @@ def _reranked_positions(dual: np.ndarray, fused: np.ndarray, cand: np.ndarray) -
 
 
 def reranked_recall(
-    model: CrossModalReranker,
+    model: MatchScorer,
     feats: Features,
     k: int,
     weights: Sequence[float],
@@ -116,7 +107,7 @@ def reranked_recall(
 
 
 def compositional_accuracy(
-    model: CrossModalReranker,
+    model: MatchScorer,
     image_emb: np.ndarray,
     image_tokens: torch.Tensor,
     pos: tuple[np.ndarray, torch.Tensor, torch.Tensor],

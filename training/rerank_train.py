@@ -36,7 +36,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,44 +49,13 @@ from xmodal.crossmodal.metrics import retrieval_recall
 from xmodal.crossmodal.pairs import read_pairs
 from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig, itm_loss
 
+from .config import RerankTrainConfig
 from .loop import seed_all, set_lr, warmup_cosine
 from .rerank_eval import Features, compositional_accuracy, reranked_recall
 from .rerank_features import TrainingSet, compositional_set, features_for, training_set
 from .rerank_sampling import HardNegatives, StepPairs, hard_negatives, sample_step
 
 FUSION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0)
-
-
-@dataclass
-class RerankTrainConfig:
-    """Everything a reranker training run depends on (recorded in metrics.json)."""
-
-    pairs: str
-    out: str
-    val: str | None = None
-    model: str | None = None  # dual encoder (default: the built-in model)
-    pretrained: str | None = None
-    images: int | None = 12_000  # training images used (features are held in memory)
-    captions_per_image: int = 2
-    epochs: int = 28
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    width: int = 128
-    layers: int = 2
-    heads: int = 4
-    rerank_k: int = 32  # candidates re-scored when tuning w on val
-    val_images: int | None = 1000
-    # A step's pairs run in this many groups of similar caption length, each padded
-    # only to its own longest (one-object captions are far shorter than three-object
-    # ones): same logits, less compute.
-    length_groups: int = 4
-    counterfactual: bool = True  # twins of demo-corpus images (others have none)
-    # Weight of a listwise loss beside ITM: each caption's image against the images
-    # shown with it, each image's caption against its negative captions (the
-    # reranker README's v5 and v6 sections compare weights).
-    listwise: float = 1.0
-    seed: int = 0
 
 
 def listwise_loss(logits: torch.Tensor, columns: list[tuple[np.ndarray, int]]) -> torch.Tensor:

@@ -31,10 +31,11 @@ from tqdm import tqdm
 from xmodal.crossmodal.errors import ModelError
 from xmodal.crossmodal.loading import (
     CONFIG_FILE,
+    LOCAL_DIR,
     WEIGHTS_FILE,
-    _ensure_name,
-    _quiet,
+    ensure_known_model,
     load_model,
+    quiet_model_build,
     read_local_dir_config,
 )
 from xmodal.crossmodal.metrics import retrieval_recall
@@ -42,32 +43,10 @@ from xmodal.crossmodal.pair_images import load_pair_images
 from xmodal.crossmodal.pairs import PairSet, read_pairs
 from xmodal.crossmodal.registry import model_config, register_config
 
+from .config import TrainConfig
 from .loop import seed_all, set_lr, warmup_cosine
 
 FROZEN_TEXT_PREFIX = "text.transformer."
-
-
-@dataclass
-class TrainConfig:
-    """Everything one training run depends on (recorded in metrics.json)."""
-
-    pairs: str
-    out: str
-    val: str | None = None
-    model: str | None = None  # an open_clip / xmodal config name
-    config: str | None = None  # or a JSON model config file
-    pretrained: str | None = None  # initial weights: tag, file or local-dir:
-    lock_text: bool = False
-    lock_image: bool = False
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 200
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2  # image decoding threads while loading the data
-    limit_images: int | None = None
 
 
 @dataclass
@@ -103,19 +82,20 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any, str, dict, dict
         for p in model.parameters():
             p.requires_grad_(True)
         pre_cfg = {}
-        if cfg.pretrained.startswith("local-dir:"):
-            pre_cfg = read_local_dir_config(Path(cfg.pretrained[10:])).get("preprocess_cfg", {})
+        if cfg.pretrained.startswith(LOCAL_DIR):
+            folder = Path(cfg.pretrained.removeprefix(LOCAL_DIR))
+            pre_cfg = read_local_dir_config(folder).get("preprocess_cfg", {})
         return model.train(), loaded.preprocess, loaded.identity.name, loaded.model_cfg, pre_cfg
     if cfg.config:
         name, model_cfg, pre_cfg = _read_config_file(Path(cfg.config))
         register_config(name, model_cfg)
     elif cfg.model:
         name = cfg.model
-        _ensure_name(name)
+        ensure_known_model(name)
         model_cfg, pre_cfg = model_config(name), {}
     else:
         raise ModelError("say what to train: --model NAME or --config FILE")
-    with _quiet():
+    with quiet_model_build():
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
             image_mean=pre_cfg.get("mean"),
@@ -308,7 +288,7 @@ def save_model(
     return weights
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train_model(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns the metrics that are also written to OUT/metrics.json."""
     import open_clip
 

@@ -1,12 +1,14 @@
 """The JSON API (`/api`): search both ways, image facts and files, stats, health.
 
 Every bad parameter is a 400 with a message naming it; unknown ids (and numbers no
-catalog id can be) are 404; uploads over the size limit are 413; errors are JSON objects
-``{"error": "...", "status": N}``. HEAD answers every GET route, without the body.
+catalog id can be) are 404; uploads over the size limit are 413; a bundle or catalog
+that cannot be read (a damaged page, a lost database server) is a 503; errors are JSON
+objects ``{"error": "...", "status": N}``. HEAD answers every GET route, without the body.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import zlib
@@ -15,17 +17,25 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError
-from xmodal.search.engine import DEFAULT_RERANK_K, MAX_RERANK_K, QueryError
+from xmodal.search.engine import (
+    DEFAULT_RERANK_K,
+    MAX_RERANK_K,
+    BundleError,
+    CatalogError,
+    QueryError,
+)
 
 from .openapi import openapi_document
 from .service import NotServable
 from .service import current_service as service
 
 bp = Blueprint("api", __name__)
+log = logging.getLogger(__name__)
 
 
-class BadParameter(ValueError):
+class BadParameter(XmodalError):
     """A request parameter is missing or invalid."""
 
 
@@ -79,7 +89,7 @@ def rerank_params() -> tuple[bool | None, int]:
 
 
 def k_param() -> int:
-    """Number of results wanted."""
+    """Number of results wanted (pages and API alike): 1 to the app's API_MAX_K."""
     return int_param("k", current_app.config["DEFAULT_K"], 1, current_app.config["API_MAX_K"])
 
 
@@ -114,16 +124,22 @@ def error(status: int, message: str) -> tuple[Response, int]:
     return jsonify(error=message, status=status), status
 
 
-@bp.errorhandler(BadParameter)
-@bp.errorhandler(QueryError)
-@bp.errorhandler(ImageDecodeError)
-def _bad(exc: Exception) -> tuple[Response, int]:
-    return error(400, str(exc))
+def error_status(exc: XmodalError) -> int:
+    """The HTTP status of one of our errors: 400 for a bad request, 404 for an id with
+    nothing to serve, 503 for a bundle or catalog that cannot be read now, else 500.
+    Server-side failures (5xx) are logged: the operator has something to repair."""
+    if isinstance(exc, BadParameter | QueryError | ImageDecodeError):
+        return 400
+    if isinstance(exc, NotServable):
+        return 404
+    status = 503 if isinstance(exc, BundleError | CatalogError) else 500
+    log.error("%s %r: %s", request.method, request.path, exc)
+    return status
 
 
-@bp.errorhandler(NotServable)
-def _missing(exc: Exception) -> tuple[Response, int]:
-    return error(404, str(exc))
+@bp.errorhandler(XmodalError)
+def _ours(exc: XmodalError) -> tuple[Response, int]:
+    return error(error_status(exc), str(exc))
 
 
 @bp.errorhandler(HTTPException)
@@ -241,4 +257,5 @@ def health() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3 description of this API."""
-    return jsonify(openapi_document(current_app.config["API_MAX_K"]))
+    cfg = current_app.config
+    return jsonify(openapi_document(cfg["API_MAX_K"], cfg["DEFAULT_K"], cfg["MAX_UPLOAD_BYTES"]))

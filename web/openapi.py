@@ -1,8 +1,18 @@
-"""The OpenAPI 3 document of `/api` (a test checks it against the app's routes)."""
+"""The OpenAPI 3 document of `/api` (tests check it against the app's routes and the
+limits they enforce).
+
+Every limit in it comes from where it is enforced: the engine's (``search.limits``) and
+the app's settings (``API_MAX_K``, ``DEFAULT_K``, ``MAX_UPLOAD_BYTES``), never restated.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from xmodal.search.limits import DEFAULT_RERANK_K, MAX_QUERY_CHARS, MAX_RERANK_K
+
+from . import DEFAULTS, MAX_CATALOG_ID
+from .service import THUMBNAIL_SIZE
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -19,14 +29,25 @@ def _json(schema_ref: str, description: str = "OK") -> dict[str, Any]:
     }
 
 
-def openapi_document(max_k: int = 200) -> dict[str, Any]:
-    """The document, with the server's k limit."""
+def openapi_document(
+    max_k: int = DEFAULTS["API_MAX_K"],
+    default_k: int = DEFAULTS["DEFAULT_K"],
+    max_upload_bytes: int = DEFAULTS["MAX_UPLOAD_BYTES"],
+) -> dict[str, Any]:
+    """The document, with the server's k limit and default and its upload limit."""
+    k_schema = {"type": "integer", "minimum": 1, "maximum": max_k, "default": default_k}
+    rerank_k_schema = {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_RERANK_K,
+        "default": DEFAULT_RERANK_K,
+    }
     k = {
         "name": "k",
         "in": "query",
         "required": False,
         "description": "Number of results.",
-        "schema": {"type": "integer", "minimum": 1, "maximum": max_k, "default": 24},
+        "schema": k_schema,
     }
     min_score = {
         "name": "min_score",
@@ -48,13 +69,13 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
         "in": "query",
         "required": False,
         "description": "How many dual-encoder candidates the reranker re-scores.",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 32},
+        "schema": rerank_k_schema,
     }
     image_id = {
         "name": "image_id",
         "in": "path",
         "required": True,
-        "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_CATALOG_ID},
     }
     not_found = _error("No indexed image with that id, or its file cannot be served.")
     return {
@@ -73,7 +94,11 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
                             "name": "q",
                             "in": "query",
                             "required": True,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 1000},
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": MAX_QUERY_CHARS,
+                            },
                         },
                         k,
                         min_score,
@@ -97,20 +122,22 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
                                     "type": "object",
                                     "required": ["image"],
                                     "properties": {
-                                        "image": {"type": "string", "format": "binary"},
+                                        "image": {
+                                            "type": "string",
+                                            "format": "binary",
+                                            "description": "The image file, at most "
+                                            f"{max_upload_bytes:,} bytes.",
+                                            "maxLength": max_upload_bytes,
+                                        },
                                         "target": {
                                             "type": "string",
                                             "enum": ["images", "captions"],
                                             "default": "images",
                                         },
-                                        "k": {"type": "integer", "minimum": 1, "maximum": max_k},
+                                        "k": k_schema,
                                         "min_score": {"type": "number"},
                                         "rerank": {"type": "integer", "enum": [0, 1]},
-                                        "rerank_k": {
-                                            "type": "integer",
-                                            "minimum": 1,
-                                            "maximum": 200,
-                                        },
+                                        "rerank_k": rerank_k_schema,
                                     },
                                 }
                             }
@@ -120,8 +147,9 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
                         "200": _json("Results"),
                         "400": _error("Missing or undecodable image, or a bad parameter."),
                         "413": _error(
-                            "The image file is larger than the server's upload limit "
-                            "(xmodal serve --max-upload-mb; a file of exactly the limit passes)."
+                            f"The image file is larger than the server's upload limit of "
+                            f"{max_upload_bytes:,} bytes (xmodal serve --max-upload-mb; a "
+                            "file of exactly the limit passes)."
                         ),
                     },
                 }
@@ -142,7 +170,7 @@ def openapi_document(max_k: int = 200) -> dict[str, Any]:
             },
             "/api/images/{image_id}/thumbnail": {
                 "get": {
-                    "summary": "A thumbnail (WebP, at most 256 pixels a side)",
+                    "summary": f"A thumbnail (WebP, at most {THUMBNAIL_SIZE} pixels a side)",
                     "parameters": [image_id],
                     "responses": {
                         "200": {

@@ -7,23 +7,28 @@ the same form. Every value from users or files goes through Jinja's autoescaping
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, render_template, request
+from flask import Blueprint, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError
 from xmodal.search.engine import QueryError
 
-from .api import BadParameter, float_param, http_error_message, int_param, read_upload
+from .api import (
+    BadParameter,
+    error_status,
+    float_param,
+    http_error_message,
+    k_param,
+    read_upload,
+)
 from .security import check_csrf
 from .service import NotServable
 from .service import current_service as service
 
 bp = Blueprint("pages", __name__)
 
-
-def _k() -> int:
-    from flask import current_app
-
-    return int_param("k", current_app.config["DEFAULT_K"], 1, current_app.config["API_MAX_K"])
+IMAGE_PAGE_CAPTIONS = 10  # captions the search-by-image page shows at most
+DETAIL_SIMILAR = 12  # "more like this" images on an image's page
 
 
 @bp.get("/")
@@ -45,7 +50,7 @@ def search() -> tuple[str, int] | str:
     if not q.strip():
         return render_template("search.html", results=None, **ctx)
     try:
-        results = service().text_to_images(q, _k(), float_param("min_score"), rerank)
+        results = service().text_to_images(q, k_param(), float_param("min_score"), rerank)
     except (BadParameter, QueryError) as exc:
         return render_template("search.html", results=None, error=str(exc), **ctx), 400
     return render_template("search.html", results=results, **ctx)
@@ -62,9 +67,9 @@ def image_search() -> tuple[str, int] | str:
         if upload is None or (not upload.filename and not upload.content_length):
             raise BadParameter("choose an image to search with")
         data = read_upload(upload)
-        k = _k()
+        k = k_param()
         image = service().decode_upload(data)  # once, for both searches
-        captions = service().image_query(image, "captions", min(k, 10))
+        captions = service().image_query(image, "captions", min(k, IMAGE_PAGE_CAPTIONS))
         images = service().image_query(image, "images", k)
     except (BadParameter, ImageDecodeError) as exc:
         return render_template("image.html", captions=None, images=None, error=str(exc)), 400
@@ -83,7 +88,7 @@ def detail(image_id: int) -> tuple[str, int] | str:
         info = service().image_details(image_id)
     except NotServable as exc:
         return render_template("error.html", code=404, message=str(exc)), 404
-    similar = service().similar(image_id, 12)
+    similar = service().similar(image_id, DETAIL_SIMILAR)
     return render_template("detail.html", info=info, similar=similar)
 
 
@@ -93,13 +98,20 @@ def status() -> str:
     return render_template("status.html", status=service().status())
 
 
-@bp.app_errorhandler(HTTPException)
-def http_error(exc: HTTPException) -> Response | tuple:
+def _error_page(code: int, message: str) -> tuple[Response | str, int]:
     """JSON under /api, an HTML page elsewhere."""
-    from flask import jsonify
-
-    code = exc.code or 500
-    message = http_error_message(exc)
     if request.path.startswith("/api/") or request.path == "/api":
         return jsonify(error=message, status=code), code
     return render_template("error.html", code=code, message=message), code
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(exc: HTTPException) -> tuple[Response | str, int]:
+    """An HTTP error (unknown route, wrong method, body too large), in the path's form."""
+    return _error_page(exc.code or 500, http_error_message(exc))
+
+
+@bp.app_errorhandler(XmodalError)
+def xmodal_error(exc: XmodalError) -> tuple[Response | str, int]:
+    """One of our errors that no route handled (a catalog that cannot be read: 503)."""
+    return _error_page(error_status(exc), str(exc))

@@ -25,10 +25,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
+from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError, decode_image, decode_upload
 from xmodal.search.engine import DEFAULT_RERANK_K, ImageHit, Result, SearchEngine, check_text
+from xmodal.search.query import TextQuery
 from xmodal.search.status import bundle_status
 
 from . import MAX_CATALOG_ID, REFRESH_EVERY_S, UPLOAD_DECODE_SLOTS
@@ -38,7 +39,7 @@ THUMBNAIL_SIZE = 256
 log = logging.getLogger(__name__)
 
 
-class NotServable(LookupError):
+class NotServable(XmodalError):
     """The id is unknown, or its file may not or cannot be served."""
 
 
@@ -47,13 +48,18 @@ class EmbeddingCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._data: OrderedDict[str, tuple] = OrderedDict()
+        self._data: OrderedDict[str, TextQuery] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> tuple | None:
-        """The cached vector, marked recently used; None on a miss."""
+    def __len__(self) -> int:
+        """How many query encodings are cached."""
+        with self._lock:
+            return len(self._data)
+
+    def get(self, key: str) -> TextQuery | None:
+        """The cached encoding, marked recently used; None on a miss."""
         with self._lock:
             value = self._data.get(key)
             if value is None:
@@ -63,11 +69,10 @@ class EmbeddingCache:
             self.hits += 1
             return value
 
-    def put(self, key: str, value: tuple) -> None:
+    def put(self, key: str, value: TextQuery) -> None:
         """Store a query encoding, evicting the least recently used."""
-        for part in value:
-            if isinstance(part, np.ndarray):
-                part.setflags(write=False)
+        # Shared by every request that asks the same text: none may change it.
+        value.vector.setflags(write=False)
         with self._lock:
             self._data[key] = value
             self._data.move_to_end(key)
@@ -148,7 +153,7 @@ class SearchService:
         """Whether the loaded model has a reranker."""
         return self.engine.reranker is not None
 
-    def text_query(self, q: str) -> tuple:
+    def text_query(self, q: str) -> TextQuery:
         """Encoding of a query text, from the cache when seen before."""
         key = check_text(q)
         query = self.text_cache.get(key)
@@ -259,7 +264,7 @@ class SearchService:
         """Model, counts, indexes, last run, failures."""
         status = bundle_status(self.bundle, failures_limit=100)
         status["text_cache"] = {
-            "size": len(self.text_cache._data),
+            "size": len(self.text_cache),
             "hits": self.text_cache.hits,
             "misses": self.text_cache.misses,
         }

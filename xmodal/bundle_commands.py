@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
+
+# Both cheap to import (no torch, no Flask): the options' ranges and defaults.
+from xmodal.search.limits import DEFAULT_K, DEFAULT_RERANK_K, MAX_K, MAX_RERANK_K
+from xmodal.web import DEFAULTS as WEB_DEFAULTS
 
 from .options import (
     FiniteFloat,
     env_note,
-    friendly_errors,
     load_encoder,
     model_options,
     printable,
@@ -78,24 +79,6 @@ def _bundle_option(fn: Callable) -> Callable:
     )(fn)
 
 
-def _bundle_errors(fn: Callable) -> Callable:
-    """Bundle, catalog and query problems as one-line errors."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from xmodal.indexer.bundle import BundleError
-        from xmodal.indexer.catalog import CatalogError
-        from xmodal.indexer.pipeline import IndexRunError
-        from xmodal.search.engine import QueryError
-
-        try:
-            return fn(*args, **kwargs)
-        except (BundleError, CatalogError, IndexRunError, QueryError) as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
-
-
 @click.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @_bundle_option
@@ -143,8 +126,6 @@ def _bundle_errors(fn: Callable) -> Callable:
     help="Bound on the reranker's token caches in the bundle (0: recompute at query time).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
-@friendly_errors
-@_bundle_errors
 def index(
     paths: tuple[Path, ...],
     bundle: Path,
@@ -239,7 +220,7 @@ def index(
     default=None,
     help="What to find (default: images for text, images for --image).",
 )
-@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("-k", "k", type=click.IntRange(1, MAX_K), default=DEFAULT_K, show_default=True)
 @click.option("--min-score", type=FiniteFloat(), default=None, help="Minimum dual-encoder cosine.")
 @click.option(
     "--rerank/--no-rerank",
@@ -247,10 +228,10 @@ def index(
     help="Re-score the top candidates with cross-attention (default: on when the model "
     "has a reranker; text->images and image->captions).",
 )
-@click.option("--rerank-k", type=click.IntRange(1, 200), default=32, show_default=True)
+@click.option(
+    "--rerank-k", type=click.IntRange(1, MAX_RERANK_K), default=DEFAULT_RERANK_K, show_default=True
+)
 @click.option("--json", "as_json", is_flag=True)
-@friendly_errors
-@_bundle_errors
 def search(
     query: str | None,
     bundle: Path,
@@ -307,8 +288,6 @@ def search(
 @_bundle_option
 @click.option("--failures", "show_failures", is_flag=True, help="List every failed file.")
 @click.option("--json", "as_json", is_flag=True)
-@friendly_errors
-@_bundle_errors
 def info(bundle: Path, db_url: str | None, show_failures: bool, as_json: bool) -> None:
     """Model, counts, index types and sizes, last run and failures of a bundle."""
     from xmodal.search.status import bundle_status
@@ -342,8 +321,6 @@ def info(bundle: Path, db_url: str | None, show_failures: bool, as_json: bool) -
 @_bundle_option
 @model_options
 @click.option("--json", "as_json", is_flag=True)
-@friendly_errors
-@_bundle_errors
 def verify(
     bundle: Path,
     db_url: str | None,
@@ -355,12 +332,14 @@ def verify(
 
     \b
     Checks, in order:
-    - the manifest is UTF-8 JSON and every field has its type and range
-      (model identity, index entries, search parameters, counts)
+    - the manifest is UTF-8 JSON and every field has its type and range (model identity,
+      index entries, search parameters, counts)
     - the model given with --model/--pretrained is the one that built the bundle
+    - SQLite's integrity check finds no damaged page in the catalog file
     - the catalog opens, its schema version is known, and it belongs to this bundle
       (same bundle id as the manifest)
-    - SQLite's integrity check finds no damaged page in the catalog file
+    - every vector in the catalog has the model's dimension, is finite and of unit
+      length, and every indexed image has one
     - each index file named by the manifest exists, loads, has the sha256 recorded at
       publication, holds the stated count and the model's dimension, and takes its
       search parameters (nprobe)
@@ -368,8 +347,6 @@ def verify(
     - FAISS ids and catalog ids (indexed rows with vectors) are the same set, without
       duplicates
     - on a sample, exact indexes hold the catalog's own vectors
-    - every vector in the catalog has the model's dimension, is finite and of unit
-      length, and every indexed image has one
     - token caches have one width per kind, rows of the right size, and only indexed
       owners
     - the manifest's counts match the catalog's
@@ -420,7 +397,7 @@ CLEANUP_INTERVAL_S = 5  # how often silent connections are looked for
 @click.option(
     "--max-upload-mb",
     type=click.FloatRange(0.1, 1024),
-    default=16.0,
+    default=WEB_DEFAULTS["MAX_UPLOAD_BYTES"] / 2**20,
     show_default=True,
     help="Largest image file a search may upload (a file of exactly this size passes); "
     "larger ones get a 413, JSON under /api.",
@@ -443,8 +420,6 @@ CLEANUP_INTERVAL_S = 5  # how often silent connections are looked for
     "before it is closed. Slow clients that keep sending a byte now and then are not "
     "caught: on an untrusted network put a reverse proxy in front.",
 )
-@friendly_errors
-@_bundle_errors
 def serve(
     bundle: Path,
     db_url: str | None,

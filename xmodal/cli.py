@@ -1,12 +1,13 @@
 """The ``xmodal`` command: the one entry point that reads flags and environment variables.
 
-It decides thread counts (``--threads`` or ``XMODAL_THREADS``) before any work; its
-commands turn the library's specific errors into one-line messages with a non-zero exit
-status (``options.friendly_errors``). Ctrl+C ends any command with one line,
-"interrupted", and exit status 130 (what shells report for SIGINT), never a traceback:
-what a run committed before it stays (the catalog commits in batches; the next run
-resumes). The commands live in ``model_commands`` (corpus, training, evaluation) and
-``bundle_commands`` (index, search, info, verify, serve); what they share, in ``options``.
+It decides thread counts (``--threads`` or ``XMODAL_THREADS``) before any work. Every
+error xmodal raises on purpose (``XmodalError``) ends a command with one line,
+"Error: ..." and exit status 1, never a traceback (``XmodalGroup``). Ctrl+C ends any
+command with one line, "interrupted", and exit status 130 (what shells report for
+SIGINT), never a traceback: what a run committed before it stays (the catalog commits in
+batches; the next run resumes). The commands live in ``model_commands`` (corpus,
+training, evaluation) and ``bundle_commands`` (index, search, info, verify, serve); what
+they share, in ``options``.
 """
 
 from __future__ import annotations
@@ -39,19 +40,25 @@ if _loading_handler:
 # The rest loads after the handler is in place (numpy, PIL, ... take a while).
 import click  # noqa: E402
 
+from xmodal.crossmodal.errors import XmodalError  # noqa: E402
 from xmodal.crossmodal.threads import MAX_THREADS, THREADS_ENV  # noqa: E402  (imports no torch)
 
-from .options import WholeNumber  # noqa: E402
+from .options import WholeNumber, printable  # noqa: E402
 
 
 class XmodalGroup(click.Group):
-    """A click group whose commands end on Ctrl+C with one line and exit status 130."""
+    """A click group whose commands end on Ctrl+C with one line and exit status 130, and
+    on any of our errors with its message on one line and exit status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the command; KeyboardInterrupt becomes "interrupted" and exit 130."""
+        """Run the command; KeyboardInterrupt becomes "interrupted" and exit 130, an
+        XmodalError "Error: <its message>" and exit 1."""
         try:
             return super().invoke(ctx)
         except BaseException as exc:
+            if isinstance(exc, XmodalError) and not _interrupted(exc):
+                # Its message is for people, on one line (click prints "Error: ").
+                raise click.ClickException(printable(str(exc))) from exc
             # A KeyboardInterrupt, or an error raised while cleaning up after one (it
             # names a consequence of the interruption, not a second problem). click
             # would print a blank line and "Aborted!" with status 1.

@@ -1,4 +1,8 @@
-"""Model commands: the demo corpus, training the encoder and the reranker, evaluation."""
+"""Model commands: the demo corpus, training the encoder and the reranker, evaluation.
+
+The options' defaults are the fields of the settings dataclasses (``CorpusSpec``,
+``TrainConfig``, ``RerankTrainConfig``) and the search limits, defined once there.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,36 @@ from typing import Any
 
 import click
 
-from .options import FiniteFloat, friendly_errors, load_encoder, model_options
+# Cheap to import (no torch): what the options' defaults and ranges come from.
+from xmodal.crossmodal.registry import LOCAL_DIR
+from xmodal.search.limits import DEFAULT_RERANK_K, MAX_RERANK_K
+from xmodal.training.config import RerankTrainConfig, TrainConfig
+from xmodal.training.corpus import CorpusSpec
+
+from .options import FiniteFloat, load_encoder, model_options
 
 
 @click.command("demo-corpus")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=CorpusSpec.seed, show_default=True)
 @click.option(
-    "--size", type=click.IntRange(1), default=30_000, show_default=True, help="Training images."
+    "--size",
+    type=click.IntRange(1),
+    default=CorpusSpec.train_size,
+    show_default=True,
+    help="Training images.",
 )
-@click.option("--val-size", type=click.IntRange(1), default=1_000, show_default=True)
-@click.option("--test-size", type=click.IntRange(1), default=1_000, show_default=True)
+@click.option("--val-size", type=click.IntRange(1), default=CorpusSpec.val_size, show_default=True)
+@click.option(
+    "--test-size", type=click.IntRange(1), default=CorpusSpec.test_size, show_default=True
+)
 @click.option("--workers", type=click.IntRange(1), default=None, help="Rendering processes.")
-@friendly_errors
 def demo_corpus(
     out: Path, seed: int, size: int, val_size: int, test_size: int, workers: int | None
 ) -> None:
     """Write the synthetic demo corpus (images + train/val/test JSONL pairs)."""
     from xmodal.crossmodal.threads import default_threads
-    from xmodal.training.corpus import CorpusSpec, write_corpus
+    from xmodal.training.corpus import write_corpus
 
     spec = CorpusSpec(seed=seed, train_size=size, val_size=val_size, test_size=test_size)
     counts = write_corpus(out, spec, workers=workers or default_threads())
@@ -47,21 +62,27 @@ def demo_corpus(
     default=None,
     help="JSON model config.",
 )
-@click.option("--pretrained", default=None, help="Start from these weights (tag/file/local-dir:).")
+@click.option(
+    "--pretrained", default=None, help=f"Start from these weights (tag/file/{LOCAL_DIR})."
+)
 @click.option("--lock-text", is_flag=True, help="Freeze the text tower (LiT).")
 @click.option("--lock-image", is_flag=True, help="Freeze the image tower.")
-@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(2), default=256, show_default=True)
-@click.option("--lr", type=FiniteFloat(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--weight-decay", type=FiniteFloat(0), default=0.05, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--limit-images", type=click.IntRange(1), default=None, help="Quick runs.")
-@friendly_errors
+@click.option("--epochs", type=click.IntRange(1), default=TrainConfig.epochs, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(2), default=TrainConfig.batch_size, show_default=True
+)
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=TrainConfig.lr, show_default=True)
+@click.option(
+    "--weight-decay", type=FiniteFloat(0), default=TrainConfig.weight_decay, show_default=True
+)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--limit-images", type=click.IntRange(1), default=TrainConfig.limit_images, help="Quick runs."
+)
 def train(**kwargs: Any) -> None:
     """Contrastive (CLIP) training on an image-caption pairs file."""
-    from xmodal.training.train import TrainConfig
-    from xmodal.training.train import train as run
+    from xmodal.training import train_model as run
 
     if not kwargs["model_name"] and not kwargs["config"] and not kwargs["pretrained"]:
         raise click.UsageError("say what to train: --model NAME or --config FILE")
@@ -84,36 +105,55 @@ def train(**kwargs: Any) -> None:
 @click.option(
     "--images",
     type=click.IntRange(1),
-    default=12_000,
+    default=RerankTrainConfig.images,
     show_default=True,
     help="Training images used (their token features are held in memory).",
 )
-@click.option("--captions-per-image", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=28, show_default=True)
-@click.option("--batch-size", type=click.IntRange(2), default=256, show_default=True)
-@click.option("--lr", type=FiniteFloat(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--layers", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--width", type=click.IntRange(16), default=128, show_default=True)
-@click.option("--rerank-k", type=click.IntRange(1, 200), default=32, show_default=True)
+@click.option(
+    "--captions-per-image",
+    type=click.IntRange(1),
+    default=RerankTrainConfig.captions_per_image,
+    show_default=True,
+)
+@click.option(
+    "--epochs", type=click.IntRange(1), default=RerankTrainConfig.epochs, show_default=True
+)
+@click.option(
+    "--batch-size", type=click.IntRange(2), default=RerankTrainConfig.batch_size, show_default=True
+)
+@click.option(
+    "--lr", type=FiniteFloat(0, min_open=True), default=RerankTrainConfig.lr, show_default=True
+)
+@click.option(
+    "--layers", type=click.IntRange(1), default=RerankTrainConfig.layers, show_default=True
+)
+@click.option(
+    "--width", type=click.IntRange(16), default=RerankTrainConfig.width, show_default=True
+)
+@click.option(
+    "--rerank-k",
+    type=click.IntRange(1, MAX_RERANK_K),
+    default=RerankTrainConfig.rerank_k,
+    show_default=True,
+)
 @click.option(
     "--counterfactual/--no-counterfactual",
-    default=True,
+    default=RerankTrainConfig.counterfactual,
     show_default=True,
     help="Also train on rendered twins of demo-corpus images with their binding changed.",
 )
 @click.option(
     "--listwise",
     type=FiniteFloat(0),
-    default=1.0,
+    default=RerankTrainConfig.listwise,
     show_default=True,
     help="Weight of a listwise loss beside ITM (each caption's image ranked against "
     "the images it was shown with, and each image's caption likewise).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@friendly_errors
+@click.option("--seed", type=int, default=RerankTrainConfig.seed, show_default=True)
 def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
     """Train the cross-attention reranker over a frozen dual encoder (ITM loss)."""
-    from xmodal.training.rerank_train import RerankTrainConfig, train_reranker
+    from xmodal.training.rerank_train import train_reranker
 
     metrics = train_reranker(RerankTrainConfig(model=model_name, **kwargs))
     click.echo(f"saved {kwargs['out']}")
@@ -132,9 +172,10 @@ def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
 @model_options
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--rerank", is_flag=True, help="Also rerank the top k with cross-attention.")
-@click.option("--rerank-k", type=click.IntRange(1, 200), default=32, show_default=True)
+@click.option(
+    "--rerank-k", type=click.IntRange(1, MAX_RERANK_K), default=DEFAULT_RERANK_K, show_default=True
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@friendly_errors
 def eval_cmd(
     pairs: str,
     model_name: str | None,

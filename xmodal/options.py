@@ -1,5 +1,5 @@
-"""What every xmodal command shares: model flags, loading the encoder they name, and
-turning the library's specific errors into one-line messages.
+"""What every xmodal command shares: model flags, loading the encoder they name, option
+types, and printing untrusted text on one terminal line.
 
 Its own module so that the command modules and ``cli`` (which registers them) import
 it, not each other: ``python -m xmodal.cli`` then runs without a circular import.
@@ -7,7 +7,6 @@ it, not each other: ``python -m xmodal.cli`` then runs without a circular import
 
 from __future__ import annotations
 
-import functools
 import math
 import unicodedata
 from collections.abc import Callable
@@ -15,21 +14,7 @@ from typing import Any
 
 import click
 
-from xmodal.crossmodal.errors import DataError, ModelError
-from xmodal.crossmodal.images import ImageDecodeError
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Report our errors as 'error: ...' instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ModelError, DataError, ImageDecodeError) as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
+from xmodal.crossmodal.registry import LOCAL_DIR
 
 
 class FiniteFloat(click.FloatRange):
@@ -118,10 +103,11 @@ def printable(text: str) -> str:
 
 
 def model_options(fn: Callable) -> Callable:
+    """The --model and --pretrained options of the commands that load an encoder."""
     fn = click.option(
         "--pretrained",
         default=None,
-        help="Pretrained tag (e.g. laion2b_s34b_b79k), checkpoint file, or local-dir:FOLDER.",
+        help=f"Pretrained tag (e.g. laion2b_s34b_b79k), checkpoint file, or {LOCAL_DIR}FOLDER.",
     )(fn)
     fn = click.option(
         "--model",
@@ -136,9 +122,9 @@ def load_encoder(model_name: str | None, pretrained: str | None) -> Any:
     """The encoder the user asked for; a bare name without weights is refused."""
     from xmodal.crossmodal.encoder import Encoder
 
-    if model_name and not pretrained and not model_name.startswith("local-dir:"):
+    if model_name and not pretrained and not model_name.startswith(LOCAL_DIR):
         raise click.UsageError(
             f"--model {model_name} needs --pretrained (a tag such as laion2b_s34b_b79k, "
-            "a checkpoint file, or local-dir:FOLDER)"
+            f"a checkpoint file, or {LOCAL_DIR}FOLDER)"
         )
     return Encoder.load(model_name, pretrained)
