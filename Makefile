@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lint format bench venv clean-demo
+.PHONY: demo test lint format bench venv clean-demo wheel-smoke
 
 venv: $(STAMP)
 
@@ -53,6 +53,10 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Build the wheel, install it into a fresh venv, run it from outside the checkout.
+wheel-smoke:
+	bash .ci/wheel-smoke $(PYTHON)
 
 # Benchmarks (tens of minutes; each prints its figures as JSON). Needs the demo corpus.
 bench: $(STAMP) $(DEMO)/test.jsonl
