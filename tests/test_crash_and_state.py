@@ -6,11 +6,11 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_fixtures import index_command
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -41,26 +41,16 @@ def test_sigkill_mid_run_then_resume(tiny_checkpoint: Path, tmp_path: Path) -> N
     total = 400
     for i in range(total):
         scene(i, 48).save(photos / f"{i:04d}.png")
-    cmd = [
-        sys.executable,
-        "-m",
-        "xmodal",
-        "--threads",
-        "1",
-        "index",
+    cmd = index_command(
+        tiny_checkpoint,
         str(photos),
         "--bundle",
         str(bundle),
-        "--model",
-        "xmodal-tiny",
-        "--pretrained",
-        str(tiny_checkpoint),
         "--batch-size",
         "8",
-        "--workers",
-        "1",
         "--json",
-    ]
+        workers=1,
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while _committed(bundle) < 40 and time.monotonic() < deadline and proc.poll() is None:

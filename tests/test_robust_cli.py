@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_fixtures import index_command
 from click.testing import CliRunner
 from image_fixtures import scene
 from xmodal.crossmodal.encoder import Encoder
@@ -171,25 +172,9 @@ def test_ctrl_c_during_index_is_one_line_exit_130_and_bundle_verifies(
     total = 240
     for i in range(total):
         scene(i, 24).save(photos / f"{i:04d}.png")
-    cmd = [
-        sys.executable,
-        "-m",
-        "xmodal",
-        "--threads",
-        "1",
-        "index",
-        str(photos),
-        "--bundle",
-        str(bundle),
-        "--model",
-        "xmodal-tiny",
-        "--pretrained",
-        str(tiny_checkpoint),
-        "--batch-size",
-        "8",
-        "--workers",
-        "1",
-    ]
+    cmd = index_command(
+        tiny_checkpoint, str(photos), "--bundle", str(bundle), "--batch-size", "8", workers=1
+    )
     # Its own session: Ctrl+C in a terminal signals the whole process group (the CLI and
     # its decode workers), so the test does the same.
     proc = subprocess.Popen(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_fixtures import index_command
 from image_fixtures import scene
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
@@ -63,21 +64,7 @@ def _rows(bundle: Path) -> dict[str, tuple[str, bool, int, int]]:
 
 
 def _cli(tiny_checkpoint: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "xmodal",
-        "--threads",
-        "1",
-        "index",
-        *args,
-        "--model",
-        "xmodal-tiny",
-        "--pretrained",
-        str(tiny_checkpoint),
-        "--workers",
-        "0",
-    ]
+    return index_command(tiny_checkpoint, *args)
 
 
 # ------------------------------------------------------------------ permissions
