@@ -11,7 +11,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         # running the indexer
-        "IndexOptions": "pipeline",
+        "IndexOptions": "options",
         "RunReport": "pipeline",
         "IndexRunError": "pipeline",
         "run_index": "pipeline",

@@ -66,6 +66,7 @@ from .catalog import (
 )
 from .decode import Decoded, DecodePool, Job
 from .lock import BundleLock, LockHeld
+from .options import IndexOptions
 from .publish import PublishError, publish
 from .sources import CANDIDATE, Entry, walk
 from .tokens import TokenBudget, token_fields, tokens_of
@@ -73,24 +74,6 @@ from .tokens import TokenBudget, token_fields, tokens_of
 
 class IndexRunError(XmodalError):
     """The run itself cannot proceed (bad root, wrong model, unreachable catalog)."""
-
-
-@dataclass
-class IndexOptions:
-    """What `xmodal index` was asked to do."""
-
-    bundle: Path
-    roots: list[Path] = field(default_factory=list)
-    captions: list[Path] = field(default_factory=list)
-    db_url: str | None = None
-    batch_size: int = 64
-    workers: int = 2
-    timeout_s: float = 30.0
-    index_factory: str | None = None  # None: chosen by collection size
-    allow_empty_roots: bool = False
-    progress: bool = True
-    cache_tokens: bool = False  # keep token features for the cross-attention reranker
-    token_cache_mb: int = 4096  # bound on the token caches; beyond it tokens are recomputed
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 # Both cheap to import (no torch, no Flask): the options' ranges and defaults.
+from xmodal.indexer.options import IndexOptions
 from xmodal.search.limits import DEFAULT_K, DEFAULT_RERANK_K, MAX_K, MAX_RERANK_K
 from xmodal.web import DEFAULTS as WEB_DEFAULTS
 
@@ -91,7 +92,12 @@ def _bundle_option(fn: Callable) -> Callable:
     help="Caption corpus (CSV/TSV with a 'caption' column, JSONL, TXT); repeatable.",
 )
 @model_options
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),
+    default=IndexOptions.batch_size,
+    show_default=True,
+)
 @click.option(
     "--workers",
     type=click.IntRange(0, 64),
@@ -102,7 +108,7 @@ def _bundle_option(fn: Callable) -> Callable:
     "--timeout",
     "timeout_s",
     type=FiniteFloat(0.1),
-    default=30.0,
+    default=IndexOptions.timeout_s,
     show_default=True,
     help="Seconds one file may take to decode before it is failed.",
 )
@@ -121,7 +127,7 @@ def _bundle_option(fn: Callable) -> Callable:
 @click.option(
     "--token-cache-mb",
     type=click.IntRange(0),
-    default=4096,
+    default=IndexOptions.token_cache_mb,
     show_default=True,
     help="Bound on the reranker's token caches in the bundle (0: recompute at query time).",
 )
@@ -145,7 +151,7 @@ def index(
     """Index photo folders and caption files into a bundle (incremental)."""
     from xmodal.crossmodal.threads import default_threads
     from xmodal.indexer.lock import writer_pid
-    from xmodal.indexer.pipeline import IndexOptions, run_index
+    from xmodal.indexer.pipeline import run_index
     from xmodal.search.engine import encoder_for_bundle
     from xmodal.search.rerank import reranker_folder
 
