@@ -1,7 +1,9 @@
-"""The `xmodal index` command line the subprocess tests run (tiny model, one thread)."""
+"""What the subprocess tests share: the `xmodal index` command line they run (tiny model,
+one thread) and a read-only look at how far a run has committed."""
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -23,3 +25,18 @@ def index_command(checkpoint: Path, *args: str, workers: int = 0) -> list[str]:
         "--workers",
         str(workers),
     ]
+
+
+def committed_images(bundle: Path) -> int:
+    """Indexed rows a (possibly running) run has committed, read without locking it."""
+    db = bundle / "catalog.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("select count(*) from images where status='indexed'").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0

@@ -7,6 +7,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import uuid
 
 # Before anything imports huggingface_hub or transformers: offline, with a private cache,
 # so a test can lay out a hub cache without touching the user's. Removed at exit: a test
@@ -101,3 +102,28 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory, default_encoder):
         ),
     )
     return root, bundle
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for one test (dropped after), on the server that
+    XMODAL_TEST_PG_URL names (.ci/run starts one); skips, saying why, without one."""
+    from sqlalchemy import create_engine, text
+    from xmodal.indexer.catalog import public_url
+
+    admin = os.environ.get("XMODAL_TEST_PG_URL")
+    if not admin:
+        pytest.skip("no PostgreSQL server: set XMODAL_TEST_PG_URL (.ci/run starts one)")
+    try:
+        eng = create_engine(admin, isolation_level="AUTOCOMMIT")
+        with eng.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL at {public_url(admin)} is not reachable: {exc}")
+    name = f"xmodal_test_{uuid.uuid4().hex[:10]}"
+    with eng.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield eng.url.set(database=name).render_as_string(hide_password=False)
+    with eng.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    eng.dispose()

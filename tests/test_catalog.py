@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import uuid
 from pathlib import Path
 
 import pytest
 from image_fixtures import scene
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.indexer.bundle import Bundle, BundleError
@@ -99,31 +97,6 @@ def test_password_never_reaches_the_manifest() -> None:
 def test_unreachable_database_is_named() -> None:
     with pytest.raises(CatalogError, match="cannot connect to catalog postgresql"):
         open_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
-
-
-def _pg_admin_url() -> str | None:
-    return os.environ.get("XMODAL_TEST_PG_URL")
-
-
-@pytest.fixture
-def pg_url():
-    admin = _pg_admin_url()
-    if not admin:
-        pytest.skip("no PostgreSQL server: set XMODAL_TEST_PG_URL (.ci/run starts one)")
-    try:
-        eng = create_engine(admin, isolation_level="AUTOCOMMIT")
-        with eng.connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL at {public_url(admin)} is not reachable: {exc}")
-    name = f"xmodal_test_{uuid.uuid4().hex[:10]}"
-    with eng.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = eng.url.set(database=name).render_as_string(hide_password=False)
-    yield url
-    with eng.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    eng.dispose()
 
 
 def test_postgresql_catalog_end_to_end(pg_url: str, tiny_checkpoint: Path, tmp_path: Path):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from cli_fixtures import index_command
+from cli_fixtures import committed_images, index_command
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -19,20 +18,6 @@ from xmodal.crossmodal.encoder import Encoder
 from xmodal.indexer.bundle import Bundle
 from xmodal.indexer.pipeline import IndexOptions, run_index
 from xmodal.indexer.verify import verify_bundle
-
-
-def _committed(bundle: Path) -> int:
-    db = bundle / "catalog.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("select count(*) from images where status='indexed'").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 def test_sigkill_mid_run_then_resume(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -53,12 +38,12 @@ def test_sigkill_mid_run_then_resume(tiny_checkpoint: Path, tmp_path: Path) -> N
     )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while _committed(bundle) < 40 and time.monotonic() < deadline and proc.poll() is None:
+    while committed_images(bundle) < 40 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done_before = _committed(bundle)
+    done_before = committed_images(bundle)
     assert 0 < done_before < total
     # Killed mid-run: whatever the manifest names is consistent with the catalog.
     report = verify_bundle(bundle)

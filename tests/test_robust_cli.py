@@ -19,7 +19,6 @@ import os
 import re
 import resource
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_fixtures import index_command
+from cli_fixtures import committed_images, index_command
 from click.testing import CliRunner
 from image_fixtures import scene
 from xmodal.crossmodal.encoder import Encoder
@@ -144,20 +143,6 @@ def test_min_score_nan_is_refused_like_the_api(tiny_bundle: Path) -> None:
     assert len(json.loads(ok.output)["results"]) == 4
 
 
-def _committed(bundle: Path) -> int:
-    db = bundle / "catalog.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("select count(*) from images where status='indexed'").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def _messages(stderr: str) -> list[str]:
     """stderr's lines without tqdm's progress redraws."""
     lines = [part.strip() for line in stderr.splitlines() for part in line.split("\r")]
@@ -182,7 +167,7 @@ def test_ctrl_c_during_index_is_one_line_exit_130_and_bundle_verifies(
     )
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-        while _committed(bundle) < 16 and proc.poll() is None and time.monotonic() < deadline:
+        while committed_images(bundle) < 16 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         os.killpg(proc.pid, signal.SIGINT)
@@ -197,7 +182,7 @@ def test_ctrl_c_during_index_is_one_line_exit_130_and_bundle_verifies(
     assert _messages(stderr) == ["interrupted"], stderr
     report = verify_bundle(bundle)
     assert report.ok, report.problems
-    assert _committed(bundle) >= 16  # nothing committed was lost
+    assert committed_images(bundle) >= 16  # nothing committed was lost
 
 
 def test_ctrl_c_while_the_cli_loads_is_one_line_exit_130(tmp_path: Path) -> None:

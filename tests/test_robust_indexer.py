@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from cli_fixtures import index_command
 from image_fixtures import scene
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.indexer.bundle import Bundle, read_manifest
-from xmodal.indexer.catalog import INDEXED, ImageRow, public_url
+from xmodal.indexer.catalog import INDEXED, ImageRow
 from xmodal.indexer.pipeline import Indexer, IndexOptions, IndexRunError, run_index
 from xmodal.indexer.verify import verify_bundle
 
@@ -240,26 +240,6 @@ def test_second_writer_is_refused_with_the_holders_pid(
     third = run_index(tiny, _opts(bundle, photos))
     assert third.counts["unchanged"] == WRITER_IMAGES
     assert verify_bundle(bundle).ok
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    admin = os.environ.get("XMODAL_TEST_PG_URL")
-    if not admin:
-        pytest.skip("no PostgreSQL server: set XMODAL_TEST_PG_URL (.ci/run starts one)")
-    try:
-        eng = create_engine(admin, isolation_level="AUTOCOMMIT")
-        with eng.connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL at {public_url(admin)} is not reachable: {exc}")
-    name = f"xmodal_test_{os.getpid()}_{time.time_ns() % 10**9}"
-    with eng.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield eng.url.set(database=name).render_as_string(hide_password=False)
-    with eng.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    eng.dispose()
 
 
 def test_postgresql_catalog_has_one_writer(tiny: Encoder, pg_url: str, tmp_path: Path) -> None:
