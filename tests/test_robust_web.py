@@ -5,7 +5,6 @@ waitress), since Flask's test client does not show what waitress answers itself.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
 import json
@@ -13,10 +12,7 @@ import logging
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -25,6 +21,7 @@ from pathlib import Path
 import pytest
 from image_fixtures import scene
 from PIL import Image
+from server_fixtures import running_server
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.images import ImageDecodeError
 from xmodal.indexer.pipeline import IndexOptions, run_index
@@ -284,47 +281,10 @@ def test_head_answers_every_get_route_like_get(client, app) -> None:
 # ---------------------------------------------------------------- the real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _running_server(bundle: Path, *extra: str) -> Iterator[tuple[str, int]]:
-    """`xmodal serve` on a free loopback port, stopped on exit."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "xmodal", "serve", "--bundle", str(bundle)]
-    cmd += ["--port", str(port), "--threads", "2", "--max-upload-mb", "1", *extra]
-    env = dict(os.environ, XMODAL_THREADS="1")
-    out = subprocess.PIPE
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-                if json.load(r)["status"] == "ok":
-                    break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"xmodal serve did not start: {proc.stdout.read()}")
-            time.sleep(0.3)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def server(bundle: Path) -> Iterator[tuple[str, int]]:
     """`xmodal serve` with its default connection limits and a 1 MiB upload limit."""
-    with _running_server(bundle) as address:
+    with running_server(bundle) as address:
         yield address
 
 
