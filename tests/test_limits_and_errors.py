@@ -5,17 +5,15 @@ really enforce."""
 
 from __future__ import annotations
 
-import gc
 import importlib
 import inspect
 import io
-import random
-import sqlite3
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from image_fixtures import scene
+from sqlite_fixtures import checkpoint, garble_table_page
 from test_layering import FOLDERS as PACKAGES
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import XmodalError
@@ -219,26 +217,13 @@ def test_cli_prints_an_xmodal_error_as_one_line(tiny: Encoder, tmp_path: Path) -
 # ------------------------------------------------- a catalog that cannot be read: JSON 503
 
 
-def _garble_table_page(db: Path, table: str) -> None:
-    with sqlite3.connect(db) as conn:
-        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
-        offset = (int(root.fetchone()[0]) - 1) * page
-    rnd = random.Random(0)
-    with open(db, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes(rnd.randrange(256) for _ in range(page)))
-
-
 def test_unreadable_catalog_at_query_time_is_a_json_503(tiny: Encoder, tmp_path: Path) -> None:
     bundle = _bundle(tiny, tmp_path)
     db = bundle / "catalog.sqlite"
-    gc.collect()  # connections of the finished run's engine, still pooled
-    with sqlite3.connect(db) as conn:  # the WAL into the file: its damage is what is read
-        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    checkpoint(db)  # the WAL into the file: its damage is what is read
     app = create_app({"ENGINE": SearchEngine(bundle, tiny), "TESTING": True})
     client = app.test_client()
-    _garble_table_page(db, "images")  # after the app opened the bundle
+    garble_table_page(db, "images")  # after the app opened the bundle
     r = client.get("/api/search", query_string={"q": "shapes"})
     assert r.status_code == 503 and r.is_json, r.data[:200]
     doc = r.get_json()

@@ -3,11 +3,9 @@ manifests, catalogs and index files, and a reranker of other weights."""
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import sqlite3
@@ -19,6 +17,7 @@ from click.testing import CliRunner
 from image_fixtures import scene
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlite_fixtures import checkpoint, garble, garble_table_page, page_size
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig
 from xmodal.indexer.bundle import Bundle, BundleError, read_manifest
@@ -77,25 +76,10 @@ def _one_line_error(result) -> str:
     return lines[0]
 
 
-def _checkpoint(path: Path) -> None:
-    """Move SQLite's WAL into the main file, so damage to the file is what readers see."""
-    gc.collect()  # connections of finished runs' engines, still pooled
-    with sqlite3.connect(path) as conn:
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    assert busy == 0
-
-
 def _dump(db: Path) -> list[str]:
     """A SQLite catalog's content as SQL statements."""
     with sqlite3.connect(db) as conn:
         return list(conn.iterdump())
-
-
-def _garble(path: Path, offset: int, length: int, seed: int = 0) -> None:
-    rnd = random.Random(seed)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes(rnd.randrange(256) for _ in range(length)))
 
 
 # ----------------------------------------------------------------- item 2: whose catalog
@@ -162,7 +146,7 @@ def test_new_bundle_over_a_catalog_in_use_is_refused(tiny: Encoder, tmp_path: Pa
         _index(tiny, tmp_path / "new", _photos(tmp_path / "more", 50), db_url=a_db)
     assert not (tmp_path / "new" / "manifest.json").exists()
     # Its bundle folder gone, the catalog (the durable truth) can be given a new one.
-    _checkpoint(a / "catalog.sqlite")
+    checkpoint(a / "catalog.sqlite")
     shutil.move(a / "catalog.sqlite", tmp_path / "kept.sqlite")
     shutil.rmtree(a)
     kept = sqlite_url(tmp_path / "kept.sqlite")
@@ -259,24 +243,12 @@ def test_manifest_of_undecodable_bytes(tiny: Encoder, tmp_path: Path) -> None:
     _one_line_error(_cli("index", str(tmp_path / "photos"), "--bundle", str(bundle)))
 
 
-def _root_page(db: Path, table: str) -> int:
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
-        return int(row.fetchone()[0])
-
-
-def _page_size(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        return int(conn.execute("PRAGMA page_size").fetchone()[0])
-
-
 def test_garbled_catalog_page_gives_one_line_errors(tiny: Encoder, tmp_path: Path) -> None:
     bundle = _built(tiny, tmp_path)
     db = bundle / "catalog.sqlite"
-    _checkpoint(db)
-    size = _page_size(db)
+    checkpoint(db)
     # The images table's page: readers open the bundle, then fail at the lookup.
-    _garble(db, (_root_page(db, "images") - 1) * size, size)
+    garble_table_page(db, "images")
     line = _one_line_error(_cli("search", "shapes", "--bundle", str(bundle)))
     assert "cannot be read" in line and "malformed" in line
     with pytest.raises(CatalogError, match="cannot be read"):
@@ -288,7 +260,7 @@ def test_garbled_catalog_page_gives_one_line_errors(tiny: Encoder, tmp_path: Pat
     assert out.exit_code == 1 and "Traceback" not in out.output
     assert "PROBLEM: catalog file is damaged" in out.output
     # The runs' page: `xmodal info` shows the last run.
-    _garble(db, (_root_page(db, "runs") - 1) * size, size, seed=1)
+    garble_table_page(db, "runs", seed=1)
     assert "cannot be read" in _one_line_error(_cli("info", "--bundle", str(bundle)))
 
 
@@ -297,10 +269,9 @@ def test_garbled_meta_page_fails_serve_start_up_in_one_line(tiny: Encoder, tmp_p
 
     bundle = _built(tiny, tmp_path)
     db = bundle / "catalog.sqlite"
-    _checkpoint(db)
-    size = _page_size(db)
+    checkpoint(db)
     # The schema-version table, read when a reader opens the bundle.
-    _garble(db, (_root_page(db, "xmodal_meta") - 1) * size, size)
+    garble_table_page(db, "xmodal_meta")
     with pytest.raises((BundleError, CatalogError)) as caught:
         create_app({"BUNDLE": bundle, "TESTING": True})
     assert "\n" not in str(caught.value)
@@ -310,9 +281,9 @@ def test_garbled_meta_page_fails_serve_start_up_in_one_line(tiny: Encoder, tmp_p
 def test_garbled_catalog_tail_is_reported_by_verify(tiny: Encoder, tmp_path: Path) -> None:
     bundle = _built(tiny, tmp_path)
     db = bundle / "catalog.sqlite"
-    _checkpoint(db)
-    size = _page_size(db)
-    _garble(db, os.path.getsize(db) - size, size)  # the whole last page
+    checkpoint(db)
+    size = page_size(db)
+    garble(db, os.path.getsize(db) - size, size)  # the whole last page
     report = verify_bundle(bundle)
     assert any("catalog file is damaged" in p for p in report.problems), report.problems
     out = _cli("verify", "--bundle", str(bundle), "--json")
