@@ -1,5 +1,5 @@
 # xmodal: two commands for a fresh clone. `make demo` runs the main job on the built-in
-# default model; `make test` runs lint and the tests. Both create .venv on first use.
+# shapes model (the demo corpus's; the default model, xmodal-photo, is for real photos); `make test` runs lint and the tests. Both create .venv on first use.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -23,15 +23,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
 	@touch $(STAMP)
 
-# The demo corpus (deterministic: seed 0), then the default model's recall on its test split.
+# The demo corpus (deterministic: seed 0), then the shapes model's recall on its test split.
 $(DEMO)/test.jsonl: | $(STAMP)
 	$(BIN)/xmodal demo-corpus --out $(DEMO)
 
-# The demo: evaluate the built-in model on the test split, index the test images and
+# The demo: evaluate the shapes model on the test split, index the test images and
 # captions, show searches both ways, then serve the pages and API until Ctrl+C.
 demo: $(STAMP) $(DEMO)/test.jsonl
-	$(BIN)/xmodal eval --pairs $(DEMO)/test.jsonl
-	$(BIN)/xmodal index $(DEMO)/images/test --captions $(DEMO)/test.jsonl --bundle $(BUNDLE)
+	$(BIN)/xmodal eval --pairs $(DEMO)/test.jsonl --model xmodal-shapes
+	$(BIN)/xmodal index $(DEMO)/images/test --captions $(DEMO)/test.jsonl --bundle $(BUNDLE) \
+	    --model xmodal-shapes
 	@echo; echo "== text -> images, dual encoder only: $(QUERY)"
 	@$(BIN)/xmodal search "$(QUERY)" --bundle $(BUNDLE) -k 3 --no-rerank
 	@echo; echo "== text -> images, reranked by cross-attention"

@@ -63,6 +63,12 @@ class Encoder:
         return self.identity.embed_dim
 
     @property
+    def visual_dim(self) -> int | None:
+        """Size of the image tower's own feature space (image -> similar images), where the
+        model has one besides the joint space; None otherwise."""
+        return self.identity.visual_dim
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) the image tower takes."""
         size = getattr(self.model.visual, "image_size", 224)
@@ -110,6 +116,21 @@ class Encoder:
             batch = torch.stack([self.preprocess_image(im) for im in images[i : i + batch_size]])
             out.append(self.encode_image_tensors(batch))
         return np.concatenate(out)
+
+    @torch.inference_mode()
+    def encode_image_spaces(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """[B, 3, H, W] preprocessed batch -> (joint [B, D], visual [B, Dv] or None), both
+        float32 with unit L2 norm, from one pass of the image tower."""
+        if self.visual_dim is None:
+            return self.encode_image_tensors(x), None
+        trunk = self.model.visual.trunk
+        fmap = trunk.forward_features(x.to(self.device))  # [B, C, h, w]
+        joint = self.model.visual.head(trunk.forward_head(fmap))  # [B, D]
+        visual = trunk.visual_features(fmap)  # [B, Dv]
+        return (
+            F.normalize(joint.float(), dim=-1).cpu().numpy(),
+            F.normalize(visual.float(), dim=-1).cpu().numpy(),
+        )
 
     @torch.inference_mode()
     def image_tokens(self, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:

@@ -34,6 +34,7 @@ from .errors import (
     UnknownModelError,
 )
 from .registry import (
+    BUILTIN_MODELS,
     DEFAULT_MODEL_DIR,
     LOCAL_DIR,
     model_config,
@@ -64,21 +65,28 @@ class ModelIdentity:
     pretrained: str | None  # tag, checkpoint path or local-dir:path, as given
     sha256: str | None  # of the weights file; None for random weights
     embed_dim: int
+    # Size of the image tower's own feature space (image -> similar images), for models
+    # that have one besides the joint space (the photo model); None for the rest.
+    visual_dim: int | None = None
 
     def matches(self, other: ModelIdentity) -> bool:
-        """Same model: same architecture name, same weights bytes, same embedding size.
+        """Same model: same architecture name, same weights bytes, same embedding sizes.
 
         Paths are left out: the same weights may live in different folders.
         """
-        return (self.name, self.sha256, self.embed_dim) == (
+        return (self.name, self.sha256, self.embed_dim, self.visual_dim) == (
             other.name,
             other.sha256,
             other.embed_dim,
+            other.visual_dim,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
+        """JSON-ready form (``visual_dim`` only where the model has that space)."""
+        data = asdict(self)
+        if self.visual_dim is None:
+            del data["visual_dim"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
@@ -88,6 +96,7 @@ class ModelIdentity:
             pretrained=data.get("pretrained"),
             sha256=data.get("sha256"),
             embed_dim=int(data["embed_dim"]),
+            visual_dim=int(data["visual_dim"]) if data.get("visual_dim") is not None else None,
         )
 
 
@@ -236,8 +245,15 @@ def _finish(
         pretrained=pretrained,
         sha256=sha256_file(weights) if weights else None,
         embed_dim=int(model_cfg["embed_dim"]),
+        visual_dim=visual_space_dim(model),
     )
     return LoadedModel(model, preprocess, tokenizer, identity, model_cfg, weights)
+
+
+def visual_space_dim(model: torch.nn.Module) -> int | None:
+    """The size of the image tower's own feature space, where it declares one."""
+    dim = getattr(getattr(getattr(model, "visual", None), "trunk", None), "visual_dim", None)
+    return int(dim) if dim else None
 
 
 def _find_weights(folder: Path) -> Path | None:
@@ -287,6 +303,9 @@ def _load_local_dir(folder: Path, pretrained_value: str) -> LoadedModel:
             image_std=pre.get("std"),
             image_interpolation=pre.get("interpolation"),
             image_resize_mode=pre.get("resize_mode"),
+            # An image tower whose pretrained weights come from a pinned package
+            # (the photo model's): open_clip's flag for "build it with its own weights".
+            pretrained_image=bool(meta.get("pretrained_image", False)),
         )
     read_state_dict_into(model, weights, allow_missing=omitted)
     return _finish(model, preprocess, name, pretrained_value, weights, model_cfg)
@@ -332,15 +351,18 @@ def _load_named(name: str, pretrained: str | None) -> LoadedModel:
 def load_model(name: str | None = None, pretrained: str | None = None) -> LoadedModel:
     """Load a model on the CPU, in eval mode, gradients off.
 
-    ``name`` is an open_clip config name (or ``local-dir:/path``); ``pretrained`` a tag,
-    a checkpoint file or ``local-dir:/path``. Both None loads the built-in default.
+    ``name`` is a built-in model (``xmodal-photo``, ``xmodal-shapes``), an open_clip config
+    name or ``local-dir:/path``; ``pretrained`` a tag, a checkpoint file or
+    ``local-dir:/path``. Both None loads the built-in default (the photo model).
     """
     if name is None and pretrained is None:
-        folder = default_model_dir()
+        name = next(n for n, f in BUILTIN_MODELS.items() if f == default_model_dir())
+    if name in BUILTIN_MODELS and pretrained is None:
+        folder = BUILTIN_MODELS[name]
         if not (folder / CONFIG_FILE).is_file():
             raise ModelError(
-                f"the built-in default model is missing from {folder}; "
-                "reproduce it with the command in data/models/README.md"
+                f"the built-in model {name} is missing from {folder}; "
+                f"reproduce it with the command in data/models/{name}/README.md"
             )
         return _load_local_dir(folder, f"{LOCAL_DIR}{folder}")
     for value in (name, pretrained):

@@ -1,4 +1,5 @@
-"""Image-text retrieval recall, by the standard protocol (CLIP_benchmark, ALBEF itm_eval).
+"""Retrieval metrics: image-text recall, by the standard protocol (CLIP_benchmark, ALBEF
+itm_eval), and ranking metrics for query sets with several relevant images each.
 
 Every caption is a query for text-to-image: a hit at k when its own image is in the
 top k images. Every image is a query for image-to-text: a hit at k when any of its
@@ -8,11 +9,19 @@ Ties count against the query: a candidate that scores the same as the true one i
 ranked ahead of it. A scorer that gives everything the same score thus gets R@1 = 0
 instead of whatever an argsort happens to do; captions of the same image never
 count against each other.
+
+Query sets (a text query, several relevant images; binary relevance, as TREC's
+``trec_eval`` computes them): average precision, precision at k, R-precision and
+nDCG@k, each from one query's relevance in rank order (``ranked_relevance``, which
+breaks ties against the query too), macro-averaged by ``query_set_metrics``. Relevant
+images that are not ranked at all (an image that failed to load) still count in
+``n_relevant``: they are relevant images the ranking never found.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -78,3 +87,116 @@ def retrieval_recall(
         i2t_parts.append(image_to_text_ranks(block, caption_image - i))
     i2t = np.concatenate(i2t_parts or [np.zeros(0, int)])
     return {"text_to_image": recall_at(t2i, ks), "image_to_text": recall_at(i2t, ks)}
+
+
+# ------------------------------------------------------------------ query sets
+
+
+def ranked_relevance(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """The candidates' relevance (bool) in rank order: by descending score, and among
+    equal scores the irrelevant ones first (ties count against the query).
+
+    ``scores`` and ``relevant`` are [candidates].
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    relevant = np.asarray(relevant, dtype=bool)
+    if scores.shape != relevant.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and relevant {relevant.shape}: want one [N] each")
+    # lexsort's last key is the primary one: descending score, then relevant after irrelevant.
+    order = np.lexsort((relevant, -scores))
+    return relevant[order]
+
+
+def _relevant_count(ranked: np.ndarray, n_relevant: int | None) -> int:
+    found = int(ranked.sum())
+    total = found if n_relevant is None else int(n_relevant)
+    if total < found:
+        raise ValueError(f"n_relevant {total} is less than the {found} relevant items ranked")
+    if total == 0:
+        raise ValueError("a query without relevant items has no ranking metrics")
+    return total
+
+
+def average_precision(ranked: np.ndarray, n_relevant: int | None = None) -> float:
+    """AP of one query: the mean, over its relevant items, of the precision at the rank
+    where each is found; a relevant item never ranked contributes 0.
+
+    ``ranked`` is the relevance (bool) of the candidates in rank order;
+    ``n_relevant`` the query's relevant items (default: those in ``ranked``).
+    E.g. ``[1, 0, 1, 0]`` gives (1/1 + 2/3) / 2 = 0.833.
+    """
+    ranked = np.asarray(ranked, dtype=bool)
+    total = _relevant_count(ranked, n_relevant)
+    hits = np.cumsum(ranked)
+    positions = np.flatnonzero(ranked) + 1  # 1-based ranks of the relevant items
+    return float((hits[ranked] / positions).sum() / total)
+
+
+def precision_at_k(ranked: np.ndarray, k: int) -> float:
+    """Relevant items in the top ``k``, divided by ``k`` (also when fewer than ``k``
+    candidates are ranked: the standard definition, so a short list cannot score 1
+    by being short)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    ranked = np.asarray(ranked, dtype=bool)
+    return float(ranked[:k].sum() / k)
+
+
+def r_precision(ranked: np.ndarray, n_relevant: int | None = None) -> float:
+    """Precision at R, where R is the query's number of relevant items: 1.0 exactly
+    when every relevant item is ranked ahead of every other."""
+    ranked = np.asarray(ranked, dtype=bool)
+    total = _relevant_count(ranked, n_relevant)
+    return float(ranked[:total].sum() / total)
+
+
+def ndcg_at_k(ranked: np.ndarray, k: int, n_relevant: int | None = None) -> float:
+    """nDCG@k with binary relevance: DCG = sum over the top ``k`` of rel_i / log2(i + 1)
+    (i from 1), divided by the DCG of the ideal ranking (all ``n_relevant`` first)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    ranked = np.asarray(ranked, dtype=bool)
+    total = _relevant_count(ranked, n_relevant)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))  # ranks 1..k
+    dcg = float((ranked[:k] * discounts[: len(ranked[:k])]).sum())
+    ideal = float(discounts[: min(total, k)].sum())
+    return dcg / ideal
+
+
+def query_metrics(ranked: np.ndarray, n_relevant: int | None = None, k: int = 10) -> dict:
+    """One query's {'AP', 'P@k', 'R-precision', 'nDCG@k'} (k in the key names)."""
+    return {
+        "AP": average_precision(ranked, n_relevant),
+        f"P@{k}": precision_at_k(ranked, k),
+        "R-precision": r_precision(ranked, n_relevant),
+        f"nDCG@{k}": ndcg_at_k(ranked, k, n_relevant),
+    }
+
+
+def query_set_metrics(
+    scores: np.ndarray,
+    relevant: np.ndarray,
+    n_relevant: Iterable[int] | None = None,
+    k: int = 10,
+) -> dict[str, Any]:
+    """Macro averages over queries ({'mAP', 'P@k', 'R-precision', 'nDCG@k'}) and each
+    query's own figures ('per_query', with 'AP' where the mean says 'mAP').
+
+    ``scores`` and ``relevant`` (bool) are [queries, candidates]; ``n_relevant[q]``
+    counts query q's relevant items including any not among the candidates (default:
+    ``relevant``'s row sums).
+    """
+    scores = np.asarray(scores)
+    relevant = np.asarray(relevant, dtype=bool)
+    if scores.ndim != 2 or scores.shape != relevant.shape or not len(scores):
+        raise ValueError(f"scores {scores.shape}, relevant {relevant.shape}: want one [Q, N] each")
+    totals = relevant.sum(axis=1) if n_relevant is None else np.asarray(list(n_relevant))
+    per_query = [
+        query_metrics(ranked_relevance(s, r), int(n), k)
+        for s, r, n in zip(scores, relevant, totals, strict=True)
+    ]
+    means = {
+        ("mAP" if key == "AP" else key): float(np.mean([q[key] for q in per_query]))
+        for key in per_query[0]
+    }
+    return {**means, "per_query": per_query}

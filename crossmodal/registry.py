@@ -25,9 +25,17 @@ from typing import Any
 from .errors import ModelError, WeightsIntegrityError
 
 CONFIG_DIR = Path(str(importlib.resources.files("xmodal.crossmodal") / "model_configs"))
-# The built-in default model: config + weights trained by `xmodal train` (see its README),
-# package data of xmodal.models (installed as plain files, so a Path is safe).
-DEFAULT_MODEL_DIR = Path(str(importlib.resources.files("xmodal.models") / "xmodal-shapes"))
+# The built-in models, by the name `--model` takes: folders of package data of
+# xmodal.models (installed as plain files, so a Path is safe), each with its README.
+# xmodal-photo: ImageNet EfficientNet-Lite0 joined zero-shot to MiniLM, for real photos;
+# xmodal-shapes: trained by `xmodal train` on the demo corpus, with its reranker.
+_MODELS = importlib.resources.files("xmodal.models")
+BUILTIN_MODELS: dict[str, Path] = {
+    name: Path(str(_MODELS / name)) for name in ("xmodal-photo", "xmodal-shapes")
+}
+DEFAULT_MODEL = "xmodal-photo"  # what `xmodal index` and `xmodal eval` use unless told
+DEFAULT_MODEL_DIR = BUILTIN_MODELS[DEFAULT_MODEL]
+SHAPES_MODEL = "xmodal-shapes"  # the demo corpus's model (and the reranker's)
 # How a model folder is named where a model name or pretrained tag is expected
 # (``local-dir:/path``, open_clip's own prefix). Here, not in ``loading``: the CLI reads it
 # without importing torch.
@@ -136,7 +144,7 @@ def register_config(name: str, model_cfg: dict[str, Any]) -> str:
     """
     import open_clip
 
-    from . import convnet  # noqa: F401  (registers the timm tower a config may name)
+    from . import convnet, photo  # noqa: F401  (register the timm towers a config may name)
 
     text = json.dumps(resolve_model_cfg(model_cfg), sort_keys=True)
     with _lock:

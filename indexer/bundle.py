@@ -39,7 +39,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from xmodal.crossmodal.errors import XmodalError
@@ -48,6 +48,7 @@ from xmodal.crossmodal.loading import ModelIdentity
 from .catalog import (
     FAILED,
     INDEXED,
+    VECTOR_COLUMNS,
     CaptionLink,
     CaptionRow,
     CaptionTokens,
@@ -68,7 +69,10 @@ from .catalog import (
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CATALOG_FILE = "catalog.sqlite"
-KINDS = ("images", "captions")
+# The FAISS indexes of a bundle: images and captions in the model's joint space, and
+# "visual", images in the image tower's own space (image -> similar images) for models
+# that have one (the photo model); its entry stays empty for the rest.
+KINDS = ("images", "captions", "visual")
 
 
 class BundleError(XmodalError):
@@ -121,6 +125,11 @@ class Manifest:
     def identity(self) -> ModelIdentity:
         """The model that built the bundle."""
         return ModelIdentity.from_dict(self.model)
+
+    def dim(self, kind: str) -> int | None:
+        """Vector size of an index kind; None for "visual" when the model has no such space."""
+        identity = self.identity
+        return identity.visual_dim if kind == "visual" else identity.embed_dim
 
     def to_json(self) -> str:
         """Serialised form."""
@@ -178,7 +187,7 @@ def _object(value: Any, name: str, known: tuple[str, ...]) -> dict[str, Any]:
     return value
 
 
-_MODEL_FIELDS = ("name", "pretrained", "sha256", "embed_dim")
+_MODEL_FIELDS = ("name", "pretrained", "sha256", "embed_dim", "visual_dim")
 
 
 def _parse_model(value: Any) -> dict[str, Any]:
@@ -191,6 +200,11 @@ def _parse_model(value: Any) -> dict[str, Any]:
         "pretrained": _text(d.get("pretrained"), "model.pretrained", optional=True),
         "sha256": _text(d.get("sha256"), "model.sha256", optional=True, pattern=SHA256_HEX),
         "embed_dim": _integer(d["embed_dim"], "model.embed_dim", 1),
+        **(
+            {"visual_dim": _integer(d["visual_dim"], "model.visual_dim", 1)}
+            if d.get("visual_dim") is not None
+            else {}
+        ),
     }
 
 
@@ -562,11 +576,11 @@ class Bundle:
     @catalog_read
     def vectors(self, kind: str, ids: list[int]) -> np.ndarray:
         """Stored vectors of catalog ids (for 'more like this'); missing ids give zeros."""
-        model = ImageRow if kind == "images" else CaptionRow
-        dim = self.identity.embed_dim
+        model, column = VECTOR_COLUMNS[kind]
+        dim = self.manifest.dim(kind) or 0
         out = np.zeros((len(ids), dim), np.float32)
         with Session(self.engine) as s:
-            rows = dict(s.execute(select(model.id, model.vector).where(model.id.in_(ids))).all())
+            rows = dict(s.execute(select(model.id, column).where(model.id.in_(ids))).all())
         for i, id_ in enumerate(ids):
             blob = rows.get(id_)
             if blob is not None:
@@ -588,6 +602,18 @@ class Bundle:
                 select(key, table.length, table.width, table.data).where(key.in_(ids))
             ).all()
         return {int(r[0]): np.frombuffer(r[3], np.float16).reshape(r[1], r[2]) for r in rows}
+
+    @catalog_read
+    def image_kinds(self) -> list[tuple[str | None, int | None, int | None, int]]:
+        """(format, width, height, count) of the indexed images, most common first."""
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(ImageRow.format, ImageRow.width, ImageRow.height, func.count())
+                .where(ImageRow.status == INDEXED)
+                .group_by(ImageRow.format, ImageRow.width, ImageRow.height)
+                .order_by(func.count().desc())
+            ).all()
+        return [(f, w, h, int(n)) for f, w, h, n in rows]
 
     @catalog_read
     def images(self, ids: list[int]) -> dict[int, ImageHit]:

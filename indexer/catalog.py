@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -39,7 +40,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from xmodal.crossmodal.errors import XmodalError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 INDEXED, FAILED, EXCLUDED = "indexed", "failed", "excluded"
 # A file that disappeared: its vector leaves the FAISS index at the next publication,
@@ -121,6 +122,9 @@ class ImageRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     vector: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, the embedding
+    # float32, the image tower's own space (image -> similar images), for models that have
+    # one besides the joint space (the photo model); None for the rest.
+    visual: Mapped[bytes | None] = mapped_column(LargeBinary)
     # The file's content (so its vector) changed under the same id: the published index
     # still holds the old vector until the next publication replaces it.
     vector_pending: Mapped[bool] = mapped_column(
@@ -213,7 +217,25 @@ def _v3_vector_pending(conn: Connection) -> None:
     conn.execute(text("UPDATE images SET vector_pending = TRUE WHERE vector IS NOT NULL"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_token_caches, 3: _v3_vector_pending}
+def _v4_visual_space(conn: Connection) -> None:
+    """v4: the image tower's own vectors, for models with a second space."""
+    blob = LargeBinary().compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE images ADD COLUMN visual {blob}"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    2: _v2_token_caches,
+    3: _v3_vector_pending,
+    4: _v4_visual_space,
+}
+
+
+# Where each FAISS index's vectors live in the catalog: kind -> (table, column).
+VECTOR_COLUMNS: dict[str, tuple[type, Any]] = {
+    "images": (ImageRow, ImageRow.vector),
+    "captions": (CaptionRow, CaptionRow.vector),
+    "visual": (ImageRow, ImageRow.visual),
+}
 
 
 def _get_version(conn: Connection) -> int | None:

@@ -446,6 +446,7 @@ class Indexer:
         decoded: Decoded | None = None,
         vector: bytes | None = None,
         tokens: np.ndarray | None = None,
+        visual: bytes | None = None,
     ) -> int:
         # The facts of the bytes actually read, when a worker read them (the file may
         # have been replaced since the scan); else the scan's.
@@ -458,6 +459,7 @@ class Indexer:
             "run_id": self.report.run_id,
             "display": e.display,
             "vector": vector,
+            "visual": visual,
             "format": (decoded.format if decoded else None) or e.format,
         }
         if decoded is not None:
@@ -613,7 +615,15 @@ class Indexer:
             cached = s.get(ImageTokens, src.id)
             tokens = tokens_of(cached) if cached is not None else None
             self._upsert(
-                s, root_id, e, row, INDEXED, decoded=copy, vector=src.vector, tokens=tokens
+                s,
+                root_id,
+                e,
+                row,
+                INDEXED,
+                decoded=copy,
+                vector=src.vector,
+                tokens=tokens,
+                visual=src.visual,
             )
         self.report.counts[INDEXED] += 1
         self.report.counts["reused"] += 1
@@ -627,13 +637,18 @@ class Indexer:
             return
         pixels = torch.from_numpy(np.stack([d.pixels for _, d in pending]))
         tokens: list[np.ndarray | None] = [None] * len(pending)
+        visual: list[bytes | None] = [None] * len(pending)
         if self.budget is not None:
             vectors, toks = self.encoder.image_tokens(pixels)
             tokens = list(toks.half().numpy())
+            if self.encoder.visual_dim:  # a second pass; no built-in model has both
+                visual = [_vector_bytes(u) for u in self.encoder.encode_image_spaces(pixels)[1]]
         else:
-            vectors = self.encoder.encode_image_tensors(pixels)
+            vectors, second = self.encoder.encode_image_spaces(pixels)
+            if second is not None:
+                visual = [_vector_bytes(u) for u in second]
         with Session(self.engine) as s, s.begin():
-            for (e, d), v, t in zip(pending, vectors, tokens, strict=True):
+            for (e, d), v, t, u in zip(pending, vectors, tokens, visual, strict=True):
                 self._upsert(
                     s,
                     work.root_id,
@@ -643,6 +658,7 @@ class Indexer:
                     decoded=d,
                     vector=_vector_bytes(v),
                     tokens=t,
+                    visual=u,
                 )
         self.report.counts[INDEXED] += len(pending)
         pending.clear()
@@ -727,7 +743,6 @@ class Indexer:
             self.engine,
             self.bundle,
             self.manifest,
-            self.encoder.dim,
             self.report.run_id,
             self.opts.index_factory,
             self.report.counts,

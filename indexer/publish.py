@@ -24,6 +24,7 @@ from xmodal.crossmodal.errors import XmodalError
 
 from . import ann
 from .bundle import (
+    KINDS,
     IndexInfo,
     Manifest,
     index_file_intact,
@@ -38,6 +39,7 @@ from .catalog import (
     FAILED,
     INDEXED,
     REMOVED,
+    VECTOR_COLUMNS,
     CaptionLink,
     CaptionRow,
     ImageRow,
@@ -49,16 +51,15 @@ class PublishError(XmodalError):
     """An index of the requested type cannot be built."""
 
 
-def stored_vectors(engine: Engine, model: type, ids: np.ndarray, dim: int) -> np.ndarray:
-    """[len(ids), dim] vectors of catalog rows, in the order of ``ids``."""
+def stored_vectors(engine: Engine, kind: str, ids: np.ndarray, dim: int) -> np.ndarray:
+    """[len(ids), dim] vectors of an index kind's catalog rows, in the order of ``ids``."""
+    model, column = VECTOR_COLUMNS[kind]
     out = np.zeros((len(ids), dim), np.float32)
     pos = {int(i): n for n, i in enumerate(ids)}
     with Session(engine) as s:
         for start in range(0, len(ids), 5000):
             chunk = [int(i) for i in ids[start : start + 5000]]
-            for id_, blob in s.execute(
-                select(model.id, model.vector).where(model.id.in_(chunk))
-            ).all():
+            for id_, blob in s.execute(select(model.id, column).where(model.id.in_(chunk))).all():
                 out[pos[id_]] = np.frombuffer(blob, np.float32)
     return out
 
@@ -69,26 +70,27 @@ def _ids(engine: Engine, q: Any) -> np.ndarray:
         return np.array(sorted(i for (i,) in s.execute(q).all()), dtype=np.int64)
 
 
-def _live_ids(engine: Engine, model: type) -> np.ndarray:
-    q = select(model.id).where(model.vector.is_not(None))
+def _live_ids(engine: Engine, kind: str) -> np.ndarray:
+    model, column = VECTOR_COLUMNS[kind]
+    q = select(model.id).where(column.is_not(None))
     if model is ImageRow:
         q = q.where(ImageRow.status == INDEXED)
     return _ids(engine, q)
 
 
-def pending_ids(engine: Engine, model: type) -> np.ndarray:
-    """Ids whose vector was replaced in place since the index took them (images only)."""
-    if model is not ImageRow:
+def pending_ids(engine: Engine, kind: str) -> np.ndarray:
+    """Ids whose vector was replaced in place since the index took them (image kinds)."""
+    if VECTOR_COLUMNS[kind][0] is not ImageRow:
         return np.zeros(0, np.int64)
     return _ids(engine, select(ImageRow.id).where(ImageRow.vector_pending))
 
 
-def _build(engine: Engine, model: type, want: np.ndarray, dim: int, factory: str) -> Any:
+def _build(engine: Engine, kind: str, want: np.ndarray, dim: int, factory: str) -> Any:
     """An empty index of ``factory``, trained on a sample of the catalog's vectors."""
     sample = want[
         np.random.default_rng(0).permutation(len(want))[: ann.training_size(factory, len(want))]
     ]
-    train = stored_vectors(engine, model, np.sort(sample), dim) if len(want) else None
+    train = stored_vectors(engine, kind, np.sort(sample), dim) if len(want) else None
     try:
         return ann.build(factory, dim, train)
     except (ann.IndexTypeError, RuntimeError) as exc:  # RuntimeError: FAISS's own
@@ -99,11 +101,10 @@ def sync_index(
     engine: Engine,
     bundle: Path,
     info: IndexInfo,
-    model: type,
+    kind: str,
     dim: int,
     factory: str | None,
     counts: Counter | None = None,
-    kind: str = "",
 ) -> tuple[Any, str, dict[str, Any], bool]:
     """(index holding exactly the catalog's live vectors, its factory, search params,
     whether it differs from the published one).
@@ -111,7 +112,7 @@ def sync_index(
     An index that cannot remove ids is rebuilt when ids must leave it, counted as
     ``{kind}_index_rebuilt`` in ``counts``.
     """
-    want = _live_ids(engine, model)
+    want = _live_ids(engine, kind)
     # Keep the index while its type still fits; otherwise build anew (e.g. the
     # collection outgrew exact search, or an IVF's nlist no longer fits its size).
     factory = factory or ann.keep_factory(info.factory if info.file else None, len(want))
@@ -119,13 +120,13 @@ def sync_index(
     intact = index_file_intact(bundle, info)
     published = info.file if info.factory == factory and intact else None
     rebuilt = published is None
-    index = _build(engine, model, want, dim, factory) if rebuilt else read_index(bundle / published)
+    index = _build(engine, kind, want, dim, factory) if rebuilt else read_index(bundle / published)
     have = ann.index_ids(index)
     # Gone from the catalog, or modified in place (same id, new vector): out, then in.
-    out = np.union1d(np.setdiff1d(have, want), np.intersect1d(have, pending_ids(engine, model)))
+    out = np.union1d(np.setdiff1d(have, want), np.intersect1d(have, pending_ids(engine, kind)))
     if len(out) and not ann.supports_remove(index):
         # HNSW and the like: rebuild from the stored vectors instead of removing.
-        index = _build(engine, model, want, dim, factory)
+        index = _build(engine, kind, want, dim, factory)
         have, out, rebuilt = np.zeros(0, np.int64), np.zeros(0, np.int64), True
         if counts is not None:
             counts[f"{kind}_index_rebuilt"] += 1
@@ -133,14 +134,12 @@ def sync_index(
     missing = np.setdiff1d(want, np.setdiff1d(have, out))
     for i in range(0, len(missing), 20_000):
         ids = missing[i : i + 20_000]
-        ann.add(index, ids, stored_vectors(engine, model, ids, dim))
+        ann.add(index, ids, stored_vectors(engine, kind, ids, dim))
     params: dict[str, Any] = {}
     if index.ntotal and factory.startswith("IVF"):
         # tune_nprobe's queries: the index itself is the reference, so only they are read.
         sample = np.sort(want[np.random.default_rng(0).permutation(len(want))[: ann.TUNE_QUERIES]])
-        params["nprobe"] = ann.tune_nprobe(
-            index, stored_vectors(engine, model, sample, dim), sample
-        )
+        params["nprobe"] = ann.tune_nprobe(index, stored_vectors(engine, kind, sample, dim), sample)
     changed = rebuilt or bool(len(out) or len(missing)) or params != info.params
     return index, factory, params, changed
 
@@ -166,7 +165,6 @@ def publish(
     engine: Engine,
     bundle: Path,
     manifest: Manifest,
-    dim: int,
     run_id: int,
     factory: str | None = None,
     counts: Counter | None = None,
@@ -177,18 +175,20 @@ def publish(
     keeps the current generation, so serving processes do not reload for nothing.
     ``counts`` (the run report's) gets a note of each index rebuilt to remove ids.
     """
+    # Every kind with a space in this model ("visual" only for two-space models), all
+    # built from the catalog the same way.
     synced = {
         kind: sync_index(
             engine,
             bundle,
             manifest.indexes.get(kind, IndexInfo()),
-            model,
+            kind,
             dim,
             factory,
             counts,
-            kind,
         )
-        for kind, model in (("images", ImageRow), ("captions", CaptionRow))
+        for kind in KINDS
+        if (dim := manifest.dim(kind))
     }
     counts, roots = _summary(engine)
     changed = any(c for *_, c in synced.values())

@@ -23,6 +23,7 @@ from xmodal.crossmodal.loading import ModelIdentity
 
 from . import ann
 from .bundle import (
+    KINDS,
     BundleError,
     IndexInfo,
     Manifest,
@@ -35,6 +36,7 @@ from .bundle import (
 from .catalog import (
     INDEXED,
     REMOVED,
+    VECTOR_COLUMNS,
     CaptionRow,
     CaptionTokens,
     CatalogError,
@@ -121,9 +123,10 @@ class _Verification:
 class _KindRows:
     """One kind's catalog rows, as the index checks compare them with its index file."""
 
-    kind: str  # 'images' or 'captions'
+    kind: str  # 'images', 'captions' or 'visual'
     row: type  # ImageRow or CaptionRow
-    dim: int  # the model's embedding dimension
+    column: Any  # the vector column of ``row`` this kind's index is built from
+    dim: int  # the dimension of the kind's space
     all_ids: np.ndarray  # every row
     must: np.ndarray  # rows the published index must hold
     may: np.ndarray  # rows it may hold while a later run is unfinished
@@ -162,8 +165,9 @@ def _verify_catalog(v: _Verification) -> None:
     stops them (every later comparison would fail or be noise)."""
     if not _check_integrity(v) or not _check_catalog(v):
         return
-    for kind, row in (("images", ImageRow), ("captions", CaptionRow)):
-        _verify_kind(v, _kind_rows(v, kind, row))
+    for kind in KINDS:
+        if v.manifest.dim(kind):  # "visual" only for models with a second space
+            _verify_kind(v, _kind_rows(v, kind))
     with Session(v.engine) as s:
         _check_tokens(v, s)
         _check_counts(v, s)
@@ -249,18 +253,19 @@ def _check_catalog(v: _Verification) -> bool:
     return True
 
 
-def _kind_rows(v: _Verification, kind: str, row: type) -> _KindRows:
+def _kind_rows(v: _Verification, kind: str) -> _KindRows:
     """Read one kind's rows: which ids the published index must hold, and may hold."""
     published = v.manifest.published_run
-    dim = v.manifest.identity.embed_dim
+    row, column = VECTOR_COLUMNS[kind]
+    dim = v.manifest.dim(kind) or 0
     with Session(v.engine) as s:
         status = ImageRow.status if row is ImageRow else None
-        cols = [row.id, row.run_id, row.vector.is_not(None)]
+        cols = [row.id, row.run_id, column.is_not(None)]
         rows = s.execute(select(*cols, status) if status is not None else select(*cols)).all()
         bad_dim = s.execute(
             select(func.count())
             .select_from(row)
-            .where(row.vector.is_not(None), func.length(row.vector) != dim * 4)
+            .where(column.is_not(None), func.length(column) != dim * 4)
         ).scalar()
     live = [r for r in rows if r[2] and (status is None or r[3] == INDEXED)]
     # Rows the published index must hold, and rows it may still hold while a later run
@@ -280,6 +285,7 @@ def _kind_rows(v: _Verification, kind: str, row: type) -> _KindRows:
     return _KindRows(
         kind=kind,
         row=row,
+        column=column,
         dim=dim,
         all_ids=np.array([r[0] for r in rows], dtype=np.int64),
         must=must,
@@ -297,12 +303,12 @@ def _kind_rows(v: _Verification, kind: str, row: type) -> _KindRows:
 def _check_catalog_vectors(v: _Verification, rows: _KindRows) -> None:
     """The catalog's own vectors: the source every index file is rebuilt from."""
     if rows.no_vector:
-        v.problem(f"{rows.no_vector} indexed images have no vector")
+        v.problem(f"{rows.no_vector} indexed images have no {rows.kind} vector")
     if rows.bad_dim:
         v.problem(f"{rows.bad_dim} {rows.kind} vectors are not {rows.dim}-dimensional")
     wrong = [
         i
-        for ids, vectors in _catalog_vectors(v.engine, rows.row, rows.dim)
+        for ids, vectors in _catalog_vectors(v.engine, rows.row, rows.column, rows.dim)
         for i in bad_vectors(ids, vectors)
     ]
     if wrong:
@@ -394,12 +400,12 @@ def _check_index_sample(
     published ids is looked up in an exact (Flat) index and compared with the catalog."""
     if not info.factory.endswith("Flat") or not len(faiss_ids):
         return
-    marked = pending_ids(v.engine, rows.row)  # not yet replaced: may differ
+    marked = pending_ids(v.engine, rows.kind)  # not yet replaced: may differ
     check = np.setdiff1d(np.intersect1d(rows.must, faiss_ids), marked)
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(check, min(VECTOR_SAMPLE, len(check)), replace=False))
     other = ann.holds_own_vectors(
-        index, sample, stored_vectors(v.engine, rows.row, sample, rows.dim)
+        index, sample, stored_vectors(v.engine, rows.kind, sample, rows.dim)
     )
     if len(other):
         v.problem(
@@ -483,14 +489,16 @@ def _check_runs(v: _Verification, s: Session) -> None:
         v.report.facts["stray_index_files"] = stray
 
 
-def _catalog_vectors(engine: Engine, row: type, dim: int) -> Iterator[tuple[np.ndarray, Any]]:
+def _catalog_vectors(
+    engine: Engine, row: type, column: Any, dim: int
+) -> Iterator[tuple[np.ndarray, Any]]:
     """(ids, [n, dim] vectors) of the catalog's rows with a vector of the right size."""
     last = -1
     while True:
         with Session(engine) as s:
             rows = s.execute(
-                select(row.id, row.vector)
-                .where(row.vector.is_not(None), func.length(row.vector) == dim * 4, row.id > last)
+                select(row.id, column)
+                .where(column.is_not(None), func.length(column) == dim * 4, row.id > last)
                 .order_by(row.id)
                 .limit(CATALOG_CHUNK)
             ).all()

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import ModelError
-from xmodal.crossmodal.loading import LOCAL_DIR, default_model_dir, load_model
-from xmodal.crossmodal.registry import sha256_file
+from xmodal.crossmodal.loading import LOCAL_DIR, WEIGHTS_FILE, load_model
+from xmodal.crossmodal.registry import BUILTIN_MODELS, sha256_file
 from xmodal.indexer.bundle import (
     Bundle,
     BundleError,
@@ -98,9 +98,10 @@ def encoder_for_bundle(bundle: Bundle | Path) -> Encoder:
     """
     path = bundle.path if isinstance(bundle, Bundle) else Path(bundle)
     identity = bundle.identity if isinstance(bundle, Bundle) else read_manifest(path).identity
-    default_weights = default_model_dir() / "open_clip_model.safetensors"
-    if default_weights.is_file() and identity.sha256 == sha256_file(default_weights):
-        return Encoder(load_model())
+    for builtin, folder in BUILTIN_MODELS.items():
+        weights = folder / WEIGHTS_FILE
+        if weights.is_file() and identity.sha256 == sha256_file(weights):
+            return Encoder(load_model(builtin))
     pretrained = identity.pretrained
     name = identity.name
     if pretrained and pretrained.startswith(LOCAL_DIR):
@@ -224,6 +225,17 @@ class SearchEngine:
         """[D] embedding of a decoded image."""
         return self.encoder.encode_images([image])[0]
 
+    @property
+    def image_space(self) -> str:
+        """The index kind image -> image search uses: the image tower's own space where
+        the model has one ("visual"), else the joint space ("images")."""
+        return "visual" if self.bundle.manifest.dim("visual") else "images"
+
+    def embed_image_for_images(self, image: Image.Image) -> np.ndarray:
+        """The embedding of a decoded image in ``image_space``."""
+        joint, visual = self.encoder.encode_image_spaces(self.encoder.preprocess_image(image)[None])
+        return (visual if self.image_space == "visual" and visual is not None else joint)[0]
+
     def search_vector(
         self,
         kind: str,
@@ -232,7 +244,8 @@ class SearchEngine:
         min_score: float | None = None,
         exclude: Sequence[int] = (),
     ) -> list[Result]:
-        """Nearest ``kind`` ('images' or 'captions') to a query vector, stale ids dropped."""
+        """Nearest ``kind`` ('images', 'captions' or 'visual': images in the image tower's
+        own space) to a query vector, stale ids dropped."""
         check_k(k)
         # Ask for a few more than k: -1 padding, stale rows and exclusions are dropped.
         want = k + len(exclude) + 8
@@ -242,7 +255,7 @@ class SearchEngine:
             for i, c in cosines(scores[0], ids[0])
             if int(i) not in exclude and (min_score is None or c >= min_score)
         ]
-        if kind == "images":
+        if kind in ("images", "visual"):
             facts = self.bundle.images([i for i, _ in pairs])
             results = [
                 Result(i, s, path=facts[i].path, width=facts[i].width, height=facts[i].height)
@@ -305,8 +318,11 @@ class SearchEngine:
     def image_to_images(
         self, image: Image.Image, k: int = DEFAULT_K, min_score: float | None = None
     ) -> list[Result]:
-        """Images most similar to an image (dual encoder: image-image similarity)."""
-        return self.search_vector("images", self.embed_image(image), k, min_score)
+        """Images most similar to an image, in the image tower's own space where the model
+        has one (visual similarity), else in the joint space."""
+        return self.search_vector(
+            self.image_space, self.embed_image_for_images(image), k, min_score
+        )
 
     def image_to_captions(
         self,
@@ -328,10 +344,11 @@ class SearchEngine:
 
     def similar_images(self, image_id: int, k: int = DEFAULT_K) -> list[Result]:
         """'More like this': neighbours of an indexed image, itself excluded."""
-        vector = self.bundle.vectors("images", [image_id])[0]
+        space = self.image_space
+        vector = self.bundle.vectors(space, [image_id])[0]
         if not vector.any():
             return []
-        return self.search_vector("images", vector, k, exclude=(image_id,))
+        return self.search_vector(space, vector, k, exclude=(image_id,))
 
     def close(self) -> None:
         """Release catalog connections."""

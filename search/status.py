@@ -8,7 +8,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from xmodal.crossmodal.loading import WEIGHTS_FILE
+from xmodal.crossmodal.registry import BUILTIN_MODELS, DEFAULT_MODEL, SHAPES_MODEL, sha256_file
 from xmodal.indexer.bundle import Bundle
+
+# The demo corpus's scenes are square PNGs of a few hundred pixels at most (128 by default).
+DEMO_SCENE_MAX_SIDE = 256
+
+
+def is_demo_scene_like(fmt: str | None, width: int | None, height: int | None) -> bool:
+    """Whether an image's format and size are those of a demo-corpus scene."""
+    return fmt == "PNG" and width == height and 0 < (width or 0) <= DEMO_SCENE_MAX_SIDE
+
+
+def model_advice(bundle: Bundle) -> str | None:
+    """A one-line warning when a bundle's model does not fit its files: the shapes model
+    (trained on synthetic scenes) over photos finds nothing in them."""
+    weights = BUILTIN_MODELS[SHAPES_MODEL] / WEIGHTS_FILE
+    if not weights.is_file() or bundle.identity.sha256 != sha256_file(weights):
+        return None
+    photos = sum(n for f, w, h, n in bundle.image_kinds() if not is_demo_scene_like(f, w, h))
+    if not photos:
+        return None
+    return (
+        f"bundle {bundle.path} was built with {SHAPES_MODEL}, a model of the demo corpus's "
+        f"synthetic scenes, over {photos} images that are not demo scenes: it cannot find "
+        f"things in photos; index them with {DEFAULT_MODEL} (the default: leave out --model) "
+        "into a new bundle"
+    )
 
 
 def bundle_status(
@@ -47,6 +74,7 @@ def bundle_status(
             "updated_at": m.updated_at,
             "last_run": b.last_run(),
             "failures": b.failures(failures_limit),
+            "warning": model_advice(b),
         }
     finally:
         if not isinstance(bundle, Bundle):

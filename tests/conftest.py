@@ -66,10 +66,11 @@ def tiny_local_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
 
 @pytest.fixture(scope="session")
 def default_encoder():
-    """The built-in default model (committed under data/models/)."""
+    """The built-in shapes model (committed under data/models/xmodal-shapes), the demo
+    corpus's: most tests run on demo scenes."""
     from xmodal.crossmodal.encoder import Encoder
 
-    return Encoder.load()
+    return Encoder.load("xmodal-shapes")
 
 
 @pytest.fixture(scope="session")

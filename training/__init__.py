@@ -23,5 +23,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "CorpusSpec": "corpus",
         "write_corpus": "corpus",
         "evaluate_reranked": "evaluate",
+        "build_photo_set": "photo_set",
+        "build_photo_model": "photo_model",
     },
 )

@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -78,6 +79,21 @@ def _bundle_option(fn: Callable) -> Callable:
         required=True,
         help="The index bundle folder.",
     )(fn)
+
+
+def _warn_model_advice(bundle: Any, db_url: str | None = None) -> None:
+    """Print the bundle's model advice (e.g. the shapes model over photos) to stderr."""
+    from xmodal.indexer.bundle import Bundle
+    from xmodal.search.status import model_advice
+
+    opened = bundle if isinstance(bundle, Bundle) else Bundle(Path(bundle), db_url)
+    try:
+        advice = model_advice(opened)
+    finally:
+        if opened is not bundle:
+            opened.close()
+    if advice:
+        click.echo(f"warning: {printable(advice)}", err=True)
 
 
 @click.command()
@@ -210,6 +226,7 @@ def index(
             f"bundle {printable(str(bundle))}: generation {report.generation}, "
             f"{report.seconds:.1f} s"
         )
+    _warn_model_advice(bundle, db_url)
     if max_failures is not None and c["failed"] > max_failures:
         raise click.ClickException(
             f"{c['failed']} files failed, more than --max-failures {max_failures}"
@@ -261,6 +278,7 @@ def search(
     # Read (a regular file, bounded: a FIFO would block) before loading the model.
     data = None if image is None else read_regular_file(image, MAX_FILE_BYTES, "image")
     engine = SearchEngine(bundle, db_url=db_url, rerank=rerank)
+    _warn_model_advice(engine.bundle)
     target = target or "images"
     if image is not None:
         assert data is not None
@@ -304,9 +322,12 @@ def info(bundle: Path, db_url: str | None, show_failures: bool, as_json: bool) -
         return
     m = status["model"]
     click.echo(f"bundle      {status['bundle']} (generation {status['generation']})")
-    click.echo(f"model       {m['name']} ({m['pretrained']}), dim {m['embed_dim']}")
+    second = f", visual space dim {m['visual_dim']}" if m.get("visual_dim") else ""
+    click.echo(f"model       {m['name']} ({m['pretrained']}), dim {m['embed_dim']}{second}")
     click.echo(f"catalog     {status['catalog']}")
     for kind, idx in status["indexes"].items():
+        if kind == "visual" and not m.get("visual_dim"):
+            continue  # a one-space model has no such index
         click.echo(
             f"{kind:<11} {idx['count']} vectors, {idx['factory']} {idx['params'] or ''} "
             f"{idx['bytes'] / 1e6:.1f} MB"
@@ -321,6 +342,8 @@ def info(bundle: Path, db_url: str | None, show_failures: bool, as_json: bool) -
         click.echo(f"last run    #{run['id']} {run['status']} {run['started_at']}")
     for f in status["failures"]:
         click.echo(f"failed      {printable(str(f['path']))}: {printable(str(f['reason']))}")
+    if status["warning"]:
+        click.echo(f"warning: {status['warning']}", err=True)
 
 
 @click.command()

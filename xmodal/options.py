@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from xmodal.crossmodal.registry import LOCAL_DIR
+from xmodal.crossmodal.registry import BUILTIN_MODELS, DEFAULT_MODEL, LOCAL_DIR, SHAPES_MODEL
 
 
 class FiniteFloat(click.FloatRange):
@@ -113,7 +113,9 @@ def model_options(fn: Callable) -> Callable:
         "--model",
         "model_name",
         default=None,
-        help="open_clip model name (e.g. ViT-B-32). Default: the built-in xmodal model.",
+        help=f"{DEFAULT_MODEL} (built-in, offline, for photos; the default), {SHAPES_MODEL} "
+        "(built-in, the demo corpus's), or an open_clip model name with --pretrained "
+        "(e.g. ViT-B-32).",
     )(fn)
     return fn
 
@@ -122,7 +124,8 @@ def load_encoder(model_name: str | None, pretrained: str | None) -> Any:
     """The encoder the user asked for; a bare name without weights is refused."""
     from xmodal.crossmodal.encoder import Encoder
 
-    if model_name and not pretrained and not model_name.startswith(LOCAL_DIR):
+    builtin = model_name in BUILTIN_MODELS
+    if model_name and not pretrained and not builtin and not model_name.startswith(LOCAL_DIR):
         raise click.UsageError(
             f"--model {model_name} needs --pretrained (a tag such as laion2b_s34b_b79k, "
             f"a checkpoint file, or {LOCAL_DIR}FOLDER)"
