@@ -1,6 +1,6 @@
 """Encoder throughput: images/s, texts/s and single-query text latency (p50/p99).
 
-Runs the built-in default model and the ViT-B-32 architecture (random weights: the
+Runs the built-in photo and shapes models and the ViT-B-32 architecture (random weights: the
 timing is the same as with trained ones) side by side in one process, with the thread
 settings printed. Usage:
 
@@ -65,7 +65,8 @@ def main() -> None:
     configure_threads(args.threads)
     texts = _captions(1024)
     rows = [
-        measure(Encoder.load(), texts, image_batches=20, batch=64),
+        measure(Encoder.load("xmodal-photo"), texts, image_batches=4, batch=64),
+        measure(Encoder.load("xmodal-shapes"), texts, image_batches=20, batch=64),
         measure(Encoder.load("ViT-B-32"), texts, image_batches=4, batch=32),
     ]
     report = {

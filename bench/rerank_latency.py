@@ -1,6 +1,6 @@
 """Query latency with and without cross-attention reranking, side by side.
 
-The default model on the demo bundle, both directions: a text query for images and an
+The shapes model on the demo bundle, both directions: a text query for images and an
 image query for captions. Every query is distinct (no embedding cache), alternating
 dual-only and reranked so both see the same machine state. Run with one torch thread,
 as each `xmodal serve` request thread does, and optionally more.

@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     args = ap.parse_args()
     configure_threads(args.threads)
-    encoder = Encoder.load(None, None)
+    encoder = Encoder.load("xmodal-shapes")
     scorer = CrossModalReranker.load(args.reranker)[0] if args.reranker else load_scorer(encoder)
     if scorer is None:
         raise SystemExit("the built-in model has no reranker; pass --reranker DIR")

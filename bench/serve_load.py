@@ -76,7 +76,7 @@ def grow(src: Path, dst: Path, total: int) -> None:
                 ],
             )
     b.close()
-    run_index(Encoder.load(), IndexOptions(bundle=dst, workers=0, progress=False))
+    run_index(Encoder.load("xmodal-shapes"), IndexOptions(bundle=dst, workers=0, progress=False))
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ The pretrained value is one of:
   ``xmodal train`` writes it and open_clip's hub format lays it out;
 * nothing: random weights (useful for timing only).
 
-With neither a name nor a pretrained value, the built-in default model is loaded.
+With neither a name nor a pretrained value, the built-in default (the photo model) is loaded.
 """
 
 from __future__ import annotations

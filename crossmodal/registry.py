@@ -1,4 +1,4 @@
-"""Model configs this project ships, the built-in default model, and offline text towers.
+"""Model configs this project ships, the built-in models (photo, shapes), and offline text towers.
 
 open_clip finds a model config by name in its own registry; ours live as JSON files in
 ``crossmodal/model_configs/`` (open_clip's format) and are registered on first use.

@@ -91,7 +91,7 @@ class Result:
 
 
 def encoder_for_bundle(bundle: Bundle | Path) -> Encoder:
-    """Load the model a bundle records: the built-in default when its weights match.
+    """Load the model a bundle records: a built-in model when its weights match one.
 
     Given a bundle folder, only its manifest is read: `xmodal index` needs the model
     of a bundle whose index files are damaged, to rebuild them.

@@ -47,6 +47,8 @@ def bundle_status(
         m = b.manifest
         indexes = {}
         for kind, info in m.indexes.items():
+            if not m.dim(kind):
+                continue  # "visual" of a model without a second image space
             size = (b.path / info.file).stat().st_size if info.file else 0
             indexes[kind] = {
                 "file": info.file,

@@ -85,7 +85,7 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory, default_encoder):
-    """The default model over a 60-image demo test split with its captions."""
+    """The shapes model over a 60-image demo test split with its captions."""
     from xmodal.indexer.pipeline import IndexOptions, run_index
     from xmodal.training.corpus import CorpusSpec, write_corpus
 

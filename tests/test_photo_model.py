@@ -24,7 +24,7 @@ from xmodal.crossmodal.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from xmodal.indexer.options import IndexOptions
 from xmodal.indexer.pipeline import run_index
 from xmodal.indexer.verify import verify_bundle
-from xmodal.search.engine import SearchEngine
+from xmodal.search.engine import ModelMismatchError, SearchEngine
 from xmodal.training.photo_set import build_photo_set
 
 from tests.image_fixtures import scene
@@ -180,7 +180,7 @@ ALTERATIONS = {
 
 
 def test_two_space_bundle_round_trips_and_finds_altered_copies(
-    photo_encoder: Encoder, photos: Path, tmp_path: Path
+    photo_encoder: Encoder, default_encoder: Encoder, photos: Path, tmp_path: Path
 ) -> None:
     root, bundle = tmp_path / "photos", tmp_path / "bundle"
     shutil.copytree(photos, root)
@@ -189,6 +189,9 @@ def test_two_space_bundle_round_trips_and_finds_altered_copies(
     report = verify_bundle(bundle)
     assert report.ok, report.problems
     assert report.facts["visual_ids"] == report.facts["images_ids"] == 21
+    with pytest.raises(ModelMismatchError, match="xmodal-photo"):
+        SearchEngine(bundle, default_encoder)  # the shapes model: another space
+    assert not verify_bundle(bundle, model=default_encoder.identity).ok
 
     # image -> similar images searches the visual space: each altered copy finds its
     # original first (recall@1 >= 0.95 over 21 photos x 5 alterations)

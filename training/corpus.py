@@ -1,4 +1,4 @@
-"""Deterministic synthetic scene corpus: the demo data that trains and tests the default model.
+"""Deterministic synthetic scene corpus: the demo data that trains and tests the shapes model.
 
 A scene is a background plus 1-3 objects (size, colour, shape) laid out in a row
 (left to right) or a column (top to bottom). Captions are generated from the scene's

@@ -326,8 +326,6 @@ def info(bundle: Path, db_url: str | None, show_failures: bool, as_json: bool) -
     click.echo(f"model       {m['name']} ({m['pretrained']}), dim {m['embed_dim']}{second}")
     click.echo(f"catalog     {status['catalog']}")
     for kind, idx in status["indexes"].items():
-        if kind == "visual" and not m.get("visual_dim"):
-            continue  # a one-space model has no such index
         click.echo(
             f"{kind:<11} {idx['count']} vectors, {idx['factory']} {idx['params'] or ''} "
             f"{idx['bytes'] / 1e6:.1f} MB"
