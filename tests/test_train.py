@@ -9,7 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.loading import load_model
-from xmodal.crossmodal.registry import DEFAULT_MODEL_DIR
+from xmodal.crossmodal.registry import BUILTIN_MODELS
 from xmodal.training import TrainConfig, train_model
 
 from xmodal.cli import main
@@ -143,6 +143,7 @@ def test_model_folders_name_packaged_text_towers_by_hub_id() -> None:
     hub_id = "sentence-transformers/all-MiniLM-L6-v2"
     loaded = load_model("xmodal-minilm-cnn")
     assert loaded.model_cfg["text_cfg"]["hf_model_name"] == hub_id
-    shipped = json.loads((DEFAULT_MODEL_DIR / "open_clip_config.json").read_text())
-    assert shipped["model_cfg"]["text_cfg"]["hf_model_name"] == hub_id
-    assert shipped["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == hub_id
+    for folder in BUILTIN_MODELS.values():
+        shipped = json.loads((folder / "open_clip_config.json").read_text())
+        assert shipped["model_cfg"]["text_cfg"]["hf_model_name"] == hub_id
+        assert shipped["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == hub_id
