@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -170,18 +171,7 @@ def test_eval_queries_json_matches_a_recomputation(
     pairs_path = small_corpus / "test.jsonl"
     queries_path, queries = _queries_file(tmp_path, pairs_path)
     assert len(queries) >= 3
-    result = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            "--pairs",
-            str(pairs_path),
-            "--queries",
-            str(queries_path),
-            *_tiny_args(tiny_checkpoint),
-            "--json",
-        ],
-    )
+    result = _eval(tiny_checkpoint, pairs_path, queries_path, "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert set(doc["text_to_image"]) == {"R@1", "R@5", "R@10"}  # recall is still there
@@ -210,27 +200,23 @@ def test_eval_queries_json_matches_a_recomputation(
     for key in ("mAP", "P@10", "R-precision", "nDCG@10"):
         assert 0.0 <= q[key] <= 1.0
 
-    table = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            "--pairs",
-            str(pairs_path),
-            "--queries",
-            str(queries_path),
-            *_tiny_args(tiny_checkpoint),
-        ],
-    )
+    table = _eval(tiny_checkpoint, pairs_path, queries_path)
     assert table.exit_code == 0, table.output
     for key in ("mAP", "P@10", "R-precision", "nDCG@10"):
         line = next(ln for ln in table.stdout.splitlines() if ln.startswith(key + " "))
         assert float(line.split()[-1]) == pytest.approx(q[key], abs=1e-3)
 
 
-def _eval_error(checkpoint: Path, pairs: Path, queries: Path) -> str:
-    result = CliRunner().invoke(
-        main, ["eval", "--pairs", str(pairs), "--queries", str(queries), *_tiny_args(checkpoint)]
+def _eval(checkpoint: Path, pairs: Path, queries: Path, *extra: str) -> Any:
+    """``xmodal eval --pairs PAIRS --queries QUERIES`` with the tiny model, in process."""
+    return CliRunner().invoke(
+        main,
+        ["eval", "--pairs", str(pairs), "--queries", str(queries), *_tiny_args(checkpoint), *extra],
     )
+
+
+def _eval_error(checkpoint: Path, pairs: Path, queries: Path) -> str:
+    result = _eval(checkpoint, pairs, queries)
     assert result.exit_code == 1, result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
