@@ -144,6 +144,17 @@ def check_k(k: int) -> int:
     return k
 
 
+def check_offset(offset: int, k: int) -> int:
+    """Results to skip: 0.. so that ``offset + k`` stays within MAX_K (one ranking's depth)."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise QueryError(f"offset must be a whole number from 0, got {offset!r}")
+    if offset + k > MAX_K:
+        raise QueryError(
+            f"only the first {MAX_K} results of a search are served: offset + k is {offset + k}"
+        )
+    return offset
+
+
 def check_text(q: str) -> str:
     """A non-empty query of at most MAX_QUERY_CHARS characters."""
     if not isinstance(q, str) or not q.strip():
@@ -243,12 +254,14 @@ class SearchEngine:
         k: int = DEFAULT_K,
         min_score: float | None = None,
         exclude: Sequence[int] = (),
+        offset: int = 0,
     ) -> list[Result]:
         """Nearest ``kind`` ('images', 'captions' or 'visual': images in the image tower's
-        own space) to a query vector, stale ids dropped."""
+        own space) to a query vector, stale ids dropped; the ``offset``-th onwards."""
         check_k(k)
+        check_offset(offset, k)
         # Ask for a few more than k: -1 padding, stale rows and exclusions are dropped.
-        want = k + len(exclude) + 8
+        want = offset + k + len(exclude) + 8
         scores, ids = self.bundle.search(kind, vector[None, :], want)
         pairs = [
             (int(i), c)
@@ -265,7 +278,7 @@ class SearchEngine:
         else:
             facts_c = self.bundle.captions([i for i, _ in pairs])
             results = [Result(i, s, caption=facts_c[i].text) for i, s in pairs if i in facts_c]
-        return results[:k]
+        return results[offset : offset + k]
 
     def _reranking(self, rerank: bool | None, rerank_k: int) -> bool:
         if rerank and self.reranker is None:
@@ -293,36 +306,44 @@ class SearchEngine:
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
         query: TextQuery | None = None,
+        offset: int = 0,
     ) -> list[Result]:
         """Images best matching a text; reranked by default when the model has a reranker.
 
         ``min_score`` filters on the dual-encoder cosine. ``query`` is a precomputed
-        ``text_query(q)`` (the web app caches them).
+        ``text_query(q)`` (the web app caches them). ``offset`` skips that many results of
+        the same ranking (the next page).
         """
         check_k(k)
+        check_offset(offset, k)
         use = self._reranking(rerank, rerank_k)
         if query is None:
             query = self.text_query(q)
         if not use:
-            return self.search_vector("images", query.vector, k, min_score)
-        cands = self.search_vector("images", query.vector, max(k, rerank_k), min_score)
+            return self.search_vector("images", query.vector, k, min_score, offset=offset)
+        # Every page reranks the same top rerank_k, so pages join into one ranking.
+        depth = max(offset + k, rerank_k)
+        cands = self.search_vector("images", query.vector, depth, min_score)
         head = self.reranker.images_for_text(check_text(q), query, cands[:rerank_k])
-        return (head + _below(head, cands[rerank_k:]))[:k]
+        return (head + _below(head, cands[rerank_k:]))[offset : offset + k]
 
     def text_to_captions(
-        self, q: str, k: int = DEFAULT_K, min_score: float | None = None
+        self, q: str, k: int = DEFAULT_K, min_score: float | None = None, offset: int = 0
     ) -> list[Result]:
         """Captions closest to a text (dual encoder only: text-text similarity)."""
-        return self.search_vector("captions", self.embed_text(q), k, min_score)
+        return self.search_vector("captions", self.embed_text(q), k, min_score, offset=offset)
 
     def image_to_images(
-        self, image: Image.Image, k: int = DEFAULT_K, min_score: float | None = None
+        self,
+        image: Image.Image,
+        k: int = DEFAULT_K,
+        min_score: float | None = None,
+        offset: int = 0,
     ) -> list[Result]:
         """Images most similar to an image, in the image tower's own space where the model
         has one (visual similarity), else in the joint space."""
-        return self.search_vector(
-            self.image_space, self.embed_image_for_images(image), k, min_score
-        )
+        vector = self.embed_image_for_images(image)
+        return self.search_vector(self.image_space, vector, k, min_score, offset=offset)
 
     def image_to_captions(
         self,
@@ -331,24 +352,27 @@ class SearchEngine:
         min_score: float | None = None,
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
+        offset: int = 0,
     ) -> list[Result]:
         """Captions best describing an image; reranked by default when possible."""
         check_k(k)
+        check_offset(offset, k)
         use = self._reranking(rerank, rerank_k)
         if not use or not self.encoder.has_image_tokens:
-            return self.search_vector("captions", self.embed_image(image), k, min_score)
+            vector = self.embed_image(image)
+            return self.search_vector("captions", vector, k, min_score, offset=offset)
         emb, tokens = self.encoder.image_tokens(self.encoder.preprocess_image(image)[None])
-        cands = self.search_vector("captions", emb[0], max(k, rerank_k), min_score)
+        cands = self.search_vector("captions", emb[0], max(offset + k, rerank_k), min_score)
         head = self.reranker.captions_for_image(tokens[0], cands[:rerank_k])
-        return (head + _below(head, cands[rerank_k:]))[:k]
+        return (head + _below(head, cands[rerank_k:]))[offset : offset + k]
 
-    def similar_images(self, image_id: int, k: int = DEFAULT_K) -> list[Result]:
+    def similar_images(self, image_id: int, k: int = DEFAULT_K, offset: int = 0) -> list[Result]:
         """'More like this': neighbours of an indexed image, itself excluded."""
         space = self.image_space
         vector = self.bundle.vectors(space, [image_id])[0]
         if not vector.any():
             return []
-        return self.search_vector(space, vector, k, exclude=(image_id,))
+        return self.search_vector(space, vector, k, exclude=(image_id,), offset=offset)
 
     def close(self) -> None:
         """Release catalog connections."""

@@ -137,3 +137,18 @@ def test_real_server_answers_413_with_json(server) -> None:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 413
     assert "error" in json.loads(err.value.read())
+
+
+def test_load_more_appends_as_you_scroll(server, browser) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/?q=a+small+yellow+cross")
+    assert page.locator(".grid .card").count() == 24
+    first_ids = page.eval_on_selector_all(".grid .card a", "as => as.map(a => a.href)")
+    for shown in (48, 60):  # the demo bundle holds 60 images, 24 a page
+        page.mouse.wheel(0, 20000)
+        page.wait_for_function(f"() => document.querySelectorAll('.grid .card').length >= {shown}")
+    hrefs = page.eval_on_selector_all(".grid .card a", "as => as.map(a => a.href)")
+    assert len(hrefs) == 60 and len(set(hrefs)) == 60 and hrefs[:24] == first_ids
+    assert page.locator("#more").count() == 0  # the last page has no link
+    assert page.locator("ul.grid").count() == 1  # appended in place, one grid
+    page.close()

@@ -307,3 +307,50 @@ def test_a_new_generation_is_served_without_restart(tiny_checkpoint: Path, tmp_p
     run_index(enc, opts)  # nothing changed: nothing to reload
     app.extensions["xmodal"].maybe_refresh(every_s=0)
     assert client.get("/api/health").get_json()["generation"] == 2
+
+
+@pytest.mark.parametrize("rerank", ["0", "1"])
+def test_pages_join_into_one_ranking(client, rerank) -> None:
+    def page(k: int, offset: int) -> dict:
+        q = {"q": "a small green star", "k": k, "offset": offset, "rerank": rerank}
+        r = client.get("/api/search", query_string=q)
+        assert r.status_code == 200, r.get_json()
+        return r.get_json()
+
+    whole = page(30, 0)
+    first, second, third = page(10, 0), page(10, 10), page(10, 20)
+    joined = [x["id"] for d in (first, second, third) for x in d["results"]]
+    assert joined == [x["id"] for x in whole["results"]]
+    assert (first["offset"], first["next_offset"], second["next_offset"]) == (0, 10, 20)
+    last = page(10, 55)  # the bundle holds 60 images
+    assert len(last["results"]) == 5 and last["next_offset"] is None
+    assert page(10, 60)["results"] == []
+
+
+def test_similar_images_pages(client, demo_bundle) -> None:
+    image_id = client.get("/api/search", query_string={"q": "a red circle", "k": 1}).get_json()[
+        "results"
+    ][0]["id"]
+    url = f"/api/images/{image_id}/similar"
+    whole = client.get(url, query_string={"k": 8}).get_json()["results"]
+    tail = client.get(url, query_string={"k": 4, "offset": 4}).get_json()
+    assert [x["id"] for x in tail["results"]] == [x["id"] for x in whole[4:]]
+    assert tail["next_offset"] == 8
+
+
+@pytest.mark.parametrize("offset", ["-1", "two", "1.5", "991"])
+def test_bad_offsets_are_400(client, offset) -> None:
+    r = client.get("/api/search", query_string={"q": "a star", "k": 10, "offset": offset})
+    assert r.status_code == 400 and "offset" in r.get_json()["error"]
+
+
+def test_load_more_is_a_link_without_javascript(client) -> None:
+    first = client.get("/", query_string={"q": "a blue heart", "rerank": "0"})
+    html = first.get_data(as_text=True)
+    assert html.count('class="card"') == 24
+    link = html.split('id="more" href="', 1)[1].split('"', 1)[0].replace("&amp;", "&")
+    assert "offset=24" in link and "rerank=0" in link
+    second = client.get(link).get_data(as_text=True)
+    assert "from result 25" in second and second.count('class="card"') == 24
+    third = client.get(link.replace("offset=24", "offset=48")).get_data(as_text=True)
+    assert third.count('class="card"') == 12 and 'id="more"' not in third

@@ -21,6 +21,7 @@ from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError
 from xmodal.search.engine import (
     DEFAULT_RERANK_K,
+    MAX_K,
     MAX_RERANK_K,
     BundleError,
     CatalogError,
@@ -93,6 +94,17 @@ def k_param() -> int:
     return int_param("k", current_app.config["DEFAULT_K"], 1, current_app.config["API_MAX_K"])
 
 
+def offset_param(k: int) -> int:
+    """Results to skip (the next page): 0 up to what keeps offset + k within search's MAX_K."""
+    return int_param("offset", 0, 0, MAX_K - k)
+
+
+def next_offset(offset: int, k: int, results: list) -> int | None:
+    """The offset of the next page, or None when this page is the last one."""
+    following = offset + len(results)
+    return following if len(results) == k and following + 1 <= MAX_K else None
+
+
 def upload_limit_message(max_upload_bytes: int) -> str:
     """What a 413 says, here and from the HTTP server in front (web/server.py)."""
     return (
@@ -147,9 +159,13 @@ def _http(exc: HTTPException) -> tuple[Response, int]:
     return error(exc.code or 500, http_error_message(exc))
 
 
-def results_json(query: Any, results: list) -> Response:
-    """The result envelope shared by the search routes."""
-    return jsonify(query=query, results=[r.to_dict() for r in results])
+def results_json(query: Any, results: list, offset: int = 0, k: int | None = None) -> Response:
+    """The result envelope shared by the search routes; ``next_offset`` asks for the next
+    page (null on the last)."""
+    more = next_offset(offset, k, results) if k is not None else None
+    return jsonify(
+        query=query, offset=offset, next_offset=more, results=[r.to_dict() for r in results]
+    )
 
 
 @bp.get("/search")
@@ -157,9 +173,11 @@ def search_text() -> Response:
     """Text to images."""
     q = request.args.get("q", "")
     k = k_param()
+    offset = offset_param(k)
     min_score = float_param("min_score")
     rerank, rerank_k = rerank_params()
-    return results_json(q, service().text_to_images(q, k, min_score, rerank, rerank_k))
+    results = service().text_to_images(q, k, min_score, rerank, rerank_k, offset)
+    return results_json(q, results, offset, k)
 
 
 @bp.post("/search/image")
@@ -170,11 +188,13 @@ def search_image() -> Response:
         raise BadParameter("send the image as the multipart form field 'image'")
     target = choice_param("target", "images", ("images", "captions"))
     k = k_param()
+    offset = offset_param(k)
     min_score = float_param("min_score")
     rerank, rerank_k = rerank_params()
     data = read_upload(upload)
-    results = service().image_query(data, target, k, min_score, rerank, rerank_k)
-    return results_json({"image": upload.filename or "upload", "target": target}, results)
+    results = service().image_query(data, target, k, min_score, rerank, rerank_k, offset)
+    query = {"image": upload.filename or "upload", "target": target}
+    return results_json(query, results, offset, k)
 
 
 @bp.get("/images/<id:image_id>")
@@ -187,7 +207,9 @@ def image_info(image_id: int) -> Response:
 def image_similar(image_id: int) -> Response:
     """'More like this': images nearest to an indexed image."""
     service().image(image_id)
-    return results_json({"image_id": image_id}, service().similar(image_id, k_param()))
+    k = k_param()
+    offset = offset_param(k)
+    return results_json({"image_id": image_id}, service().similar(image_id, k, offset), offset, k)
 
 
 @bp.get("/images/<id:image_id>/thumbnail")

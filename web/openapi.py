@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xmodal.search.limits import DEFAULT_RERANK_K, MAX_QUERY_CHARS, MAX_RERANK_K
+from xmodal.search.limits import DEFAULT_RERANK_K, MAX_K, MAX_QUERY_CHARS, MAX_RERANK_K
 
 from . import DEFAULTS, MAX_CATALOG_ID
 from .service import THUMBNAIL_SIZE
@@ -48,6 +48,15 @@ def openapi_document(
         "required": False,
         "description": "Number of results.",
         "schema": k_schema,
+    }
+    offset_schema = {"type": "integer", "minimum": 0, "maximum": MAX_K - 1, "default": 0}
+    offset = {
+        "name": "offset",
+        "in": "query",
+        "required": False,
+        "description": f"Results of the same ranking to skip (the next page is the response's "
+        f"next_offset); offset + k may not exceed {MAX_K}.",
+        "schema": offset_schema,
     }
     min_score = {
         "name": "min_score",
@@ -101,6 +110,7 @@ def openapi_document(
                             },
                         },
                         k,
+                        offset,
                         min_score,
                         rerank,
                         rerank_k,
@@ -135,6 +145,7 @@ def openapi_document(
                                             "default": "images",
                                         },
                                         "k": k_schema,
+                                        "offset": offset_schema,
                                         "min_score": {"type": "number"},
                                         "rerank": {"type": "integer", "enum": [0, 1]},
                                         "rerank_k": rerank_k_schema,
@@ -164,7 +175,7 @@ def openapi_document(
             "/api/images/{image_id}/similar": {
                 "get": {
                     "summary": "Images most similar to an indexed image ('more like this')",
-                    "parameters": [image_id, k],
+                    "parameters": [image_id, k, offset],
                     "responses": {"200": _json("Results"), "404": not_found},
                 }
             },
@@ -252,9 +263,15 @@ def openapi_document(
                 },
                 "Results": {
                     "type": "object",
-                    "required": ["query", "results"],
+                    "required": ["query", "offset", "next_offset", "results"],
                     "properties": {
                         "query": {},
+                        "offset": {"type": "integer", "description": "results skipped"},
+                        "next_offset": {
+                            "type": "integer",
+                            "nullable": True,
+                            "description": "the offset of the next page; null on the last",
+                        },
                         "results": {
                             "type": "array",
                             "items": {"$ref": "#/components/schemas/Result"},

@@ -7,7 +7,7 @@ the same form. Every value from users or files goes through Jinja's autoescaping
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, render_template, request
+from flask import Blueprint, Response, jsonify, render_template, request, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError
@@ -19,6 +19,8 @@ from .api import (
     float_param,
     http_error_message,
     k_param,
+    next_offset,
+    offset_param,
     read_upload,
 )
 from .security import check_csrf
@@ -50,10 +52,20 @@ def search() -> tuple[str, int] | str:
     if not q.strip():
         return render_template("search.html", results=None, **ctx)
     try:
-        results = service().text_to_images(q, k_param(), float_param("min_score"), rerank)
+        k = k_param()
+        offset = offset_param(k)
+        results = service().text_to_images(q, k, float_param("min_score"), rerank, offset=offset)
     except (BadParameter, QueryError) as exc:
         return render_template("search.html", results=None, error=str(exc), **ctx), 400
-    return render_template("search.html", results=results, **ctx)
+    more = next_offset(offset, k, results)
+    # "Load more" is a plain link to the next page; app.js appends it in place instead.
+    next_url = None
+    if more is not None:
+        args = {key: v for key, v in ctx.items() if key != "rerank" and v != ""}
+        if rerank is not None:
+            args["rerank"] = int(rerank)
+        next_url = url_for("pages.search", **args, offset=more)
+    return render_template("search.html", results=results, offset=offset, next_url=next_url, **ctx)
 
 
 @bp.route("/image", methods=["GET", "POST"])

@@ -169,10 +169,14 @@ class SearchService:
         min_score: float | None,
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
+        offset: int = 0,
     ) -> list[Result]:
-        """Images for a text query (reranked by default when the model can)."""
+        """Images for a text query (reranked by default when the model can), from the
+        ``offset``-th result."""
         query = self.text_query(q)
-        return self.engine.text_to_images(q, k, min_score, rerank, rerank_k, query=query)
+        return self.engine.text_to_images(
+            q, k, min_score, rerank, rerank_k, query=query, offset=offset
+        )
 
     def decode_upload(self, data: bytes) -> Image.Image:
         """Decode uploaded bytes small and safely; at most ``decode_slots`` at a time."""
@@ -187,16 +191,19 @@ class SearchService:
         min_score: float | None = None,
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
+        offset: int = 0,
     ) -> list[Result]:
         """Images or captions for an upload: its bytes, or what ``decode_upload`` made."""
         image = self.decode_upload(data) if isinstance(data, bytes) else data
         if target == "captions":
-            return self.engine.image_to_captions(image, k, min_score, rerank, rerank_k)
-        return self.engine.image_to_images(image, k, min_score)
+            return self.engine.image_to_captions(
+                image, k, min_score, rerank, rerank_k, offset=offset
+            )
+        return self.engine.image_to_images(image, k, min_score, offset=offset)
 
-    def similar(self, image_id: int, k: int) -> list[Result]:
+    def similar(self, image_id: int, k: int, offset: int = 0) -> list[Result]:
         """'More like this' for an indexed image."""
-        return self.engine.similar_images(image_id, k)
+        return self.engine.similar_images(image_id, k, offset=offset)
 
     # ------------------------------------------------------------------ catalog
 

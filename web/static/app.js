@@ -11,6 +11,39 @@
     }
   });
 
+  // "Load more": fetch the next page and append its cards here, as it scrolls into view
+  // or when clicked; without this script the link opens the next page.
+  function loadMore(link) {
+    if (link.dataset.loading) return;
+    link.dataset.loading = "1";
+    link.textContent = "Loading…";
+    fetch(link.href, { headers: { Accept: "text/html" } })
+      .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
+      .then(function (html) {
+        var page = new DOMParser().parseFromString(html, "text/html");
+        var grid = document.querySelector("ul.grid");
+        page.querySelectorAll("ul.grid > li").forEach(function (li) {
+          grid.appendChild(document.adoptNode(li));
+        });
+        var next = page.getElementById("more");
+        var box = link.parentNode;
+        if (next) { box.replaceChild(document.adoptNode(next), link); watch(next); }
+        else box.remove();
+      })
+      .catch(function () { delete link.dataset.loading; link.textContent = "Load more"; });
+  }
+  function watch(link) {
+    link.addEventListener("click", function (e) { e.preventDefault(); loadMore(link); });
+    if ("IntersectionObserver" in window) {
+      var seen = new IntersectionObserver(function (entries) {
+        if (entries[0].isIntersecting) { seen.disconnect(); loadMore(link); }
+      }, { rootMargin: "400px" });
+      seen.observe(link);
+    }
+  }
+  var more = document.getElementById("more");
+  if (more && document.querySelector("ul.grid")) watch(more);
+
   var form = document.getElementById("upload");
   var drop = document.getElementById("drop");
   var input = document.getElementById("image");
