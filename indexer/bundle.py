@@ -506,6 +506,7 @@ class ImageHit:
     path: str  # absolute, printable
     fs_path: bytes  # absolute, exact OS bytes
     root: bytes
+    relpath: str  # inside its indexed root, printable: what people are shown
     width: int | None
     height: int | None
     size: int
@@ -634,6 +635,7 @@ class Bundle:
                     path=fs_path.decode("utf-8", "replace"),
                     fs_path=fs_path,
                     root=root,
+                    relpath=row.relpath.decode("utf-8", "replace"),
                     width=row.width,
                     height=row.height,
                     size=row.size,
@@ -674,6 +676,26 @@ class Bundle:
                 .limit(limit)
             ).all()
         return [CaptionHit(r.id, r.text, r.source, [image_id]) for r in rows]
+
+    @catalog_read
+    def captions_of_images(
+        self, image_ids: list[int], limit: int = 50
+    ) -> dict[int, list[CaptionHit]]:
+        """Captions linked to each of several images (at most ``limit`` each, by id)."""
+        out: dict[int, list[CaptionHit]] = {i: [] for i in image_ids}
+        if not image_ids:
+            return out
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(CaptionLink.image_id, CaptionRow.id, CaptionRow.text, CaptionRow.source)
+                .join(CaptionLink, CaptionLink.caption_id == CaptionRow.id)
+                .where(CaptionLink.image_id.in_(image_ids))
+                .order_by(CaptionLink.image_id, CaptionRow.id)
+            ).all()
+        for image_id, cid, text, source in rows:
+            if len(out[image_id]) < limit:
+                out[image_id].append(CaptionHit(cid, text, source, [image_id]))
+        return out
 
     @catalog_read
     def failures(self, limit: int | None = 20) -> list[dict[str, str]]:

@@ -84,6 +84,7 @@ class Result:
     height: int | None = None
     cosine: float | None = None  # dual-encoder score, when reranked
     match: float | None = None  # cross-attention match score, when reranked
+    best_caption: str | None = None  # images: the linked caption closest to the query
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without empty fields."""
@@ -242,11 +243,6 @@ class SearchEngine:
         the model has one ("visual"), else the joint space ("images")."""
         return "visual" if self.bundle.manifest.dim("visual") else "images"
 
-    def embed_image_for_images(self, image: Image.Image) -> np.ndarray:
-        """The embedding of a decoded image in ``image_space``."""
-        joint, visual = self.encoder.encode_image_spaces(self.encoder.preprocess_image(image)[None])
-        return (visual if self.image_space == "visual" and visual is not None else joint)[0]
-
     def search_vector(
         self,
         kind: str,
@@ -279,6 +275,22 @@ class SearchEngine:
             facts_c = self.bundle.captions([i for i, _ in pairs])
             results = [Result(i, s, caption=facts_c[i].text) for i, s in pairs if i in facts_c]
         return results[offset : offset + k]
+
+    def with_captions(self, results: list[Result], vector: np.ndarray | None) -> list[Result]:
+        """Image results with ``best_caption``: of each image's linked captions, the one
+        closest to ``vector`` (a joint-space query), or its first when there is none."""
+        linked = self.bundle.captions_of_images([r.id for r in results])
+        ids = [c.id for hits in linked.values() for c in hits]
+        closeness: dict[int, float] = {}
+        if vector is not None and ids:
+            scores = self.bundle.vectors("captions", ids) @ vector
+            closeness = dict(zip(ids, scores.tolist(), strict=True))
+        out = []
+        for r in results:
+            hits = linked.get(r.id) or []
+            best = max(hits, key=lambda c: closeness.get(c.id, 0.0)) if hits else None
+            out.append(replace(r, best_caption=best.text) if best else r)
+        return out
 
     def _reranking(self, rerank: bool | None, rerank_k: int) -> bool:
         if rerank and self.reranker is None:
@@ -320,12 +332,14 @@ class SearchEngine:
         if query is None:
             query = self.text_query(q)
         if not use:
-            return self.search_vector("images", query.vector, k, min_score, offset=offset)
+            results = self.search_vector("images", query.vector, k, min_score, offset=offset)
+            return self.with_captions(results, query.vector)
         # Every page reranks the same top rerank_k, so pages join into one ranking.
         depth = max(offset + k, rerank_k)
         cands = self.search_vector("images", query.vector, depth, min_score)
         head = self.reranker.images_for_text(check_text(q), query, cands[:rerank_k])
-        return (head + _below(head, cands[rerank_k:]))[offset : offset + k]
+        page = (head + _below(head, cands[rerank_k:]))[offset : offset + k]
+        return self.with_captions(page, query.vector)
 
     def text_to_captions(
         self, q: str, k: int = DEFAULT_K, min_score: float | None = None, offset: int = 0
@@ -342,8 +356,12 @@ class SearchEngine:
     ) -> list[Result]:
         """Images most similar to an image, in the image tower's own space where the model
         has one (visual similarity), else in the joint space."""
-        vector = self.embed_image_for_images(image)
-        return self.search_vector(self.image_space, vector, k, min_score, offset=offset)
+        x = self.encoder.preprocess_image(image)[None]
+        joint, visual = self.encoder.encode_image_spaces(x)
+        space = self.image_space
+        vector = (visual if space == "visual" and visual is not None else joint)[0]
+        results = self.search_vector(space, vector, k, min_score, offset=offset)
+        return self.with_captions(results, joint[0])
 
     def image_to_captions(
         self,
@@ -372,7 +390,8 @@ class SearchEngine:
         vector = self.bundle.vectors(space, [image_id])[0]
         if not vector.any():
             return []
-        return self.search_vector(space, vector, k, exclude=(image_id,), offset=offset)
+        results = self.search_vector(space, vector, k, exclude=(image_id,), offset=offset)
+        return self.with_captions(results, self.bundle.vectors("images", [image_id])[0])
 
     def close(self) -> None:
         """Release catalog connections."""

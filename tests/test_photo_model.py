@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from image_fixtures import scene
 from PIL import Image, ImageEnhance, ImageOps
 from safetensors.torch import load_file
 from xmodal.crossmodal.encoder import Encoder
@@ -26,8 +27,6 @@ from xmodal.indexer.pipeline import run_index
 from xmodal.indexer.verify import verify_bundle
 from xmodal.search.engine import ModelMismatchError, SearchEngine
 from xmodal.training.photo_set import build_photo_set
-
-from tests.image_fixtures import scene
 
 PHOTO_DIR = BUILTIN_MODELS[DEFAULT_MODEL]
 

@@ -354,3 +354,28 @@ def test_load_more_is_a_link_without_javascript(client) -> None:
     assert "from result 25" in second and second.count('class="card"') == 24
     third = client.get(link.replace("offset=24", "offset=48")).get_data(as_text=True)
     assert third.count('class="card"') == 12 and 'id="more"' not in third
+
+
+def test_cards_carry_the_linked_caption_closest_to_the_query(client, demo_bundle) -> None:
+    doc = client.get("/api/search", query_string={"q": "a large red circle", "k": 6}).get_json()
+    root = demo_bundle[0]
+    captions: dict[str, list[str]] = {}
+    for line in (root / "test.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        captions.setdefault(row["image"].rsplit("/", 1)[-1], []).append(row["caption"])
+    for r in doc["results"]:
+        # one of the image's own captions, never another image's
+        assert r["best_caption"] in captions[r["path"].rsplit("/", 1)[-1]]
+    html = client.get("/", query_string={"q": "a large red circle", "k": 6}).get_data(as_text=True)
+    first = doc["results"][0]
+    assert f'alt="{first["best_caption"]}"' in html  # the alt text is the caption
+    assert first["path"].rsplit("/", 1)[-1] not in html  # file names stay in the detail view
+
+
+def test_detail_page_shows_the_path_inside_its_root(client, demo_bundle) -> None:
+    doc = client.get("/api/search", query_string={"q": "a star", "k": 1}).get_json()
+    hit = doc["results"][0]
+    info = client.get(f"/api/images/{hit['id']}").get_json()
+    assert info["relpath"] == hit["path"].rsplit("/", 1)[-1]
+    html = client.get(f"/images/{hit['id']}").get_data(as_text=True)
+    assert info["relpath"] in html and str(demo_bundle[0]) not in html

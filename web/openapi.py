@@ -259,6 +259,10 @@ def openapi_document(
                         "height": {"type": "integer"},
                         "cosine": {"type": "number", "description": "dual score, if reranked"},
                         "match": {"type": "number", "description": "reranker score"},
+                        "best_caption": {
+                            "type": "string",
+                            "description": "images: the linked caption closest to the query",
+                        },
                     },
                 },
                 "Results": {
@@ -300,6 +304,7 @@ def openapi_document(
                     "properties": {
                         "id": {"type": "integer"},
                         "path": {"type": "string"},
+                        "relpath": {"type": "string", "description": "inside its indexed root"},
                         "width": {"type": "integer", "nullable": True},
                         "height": {"type": "integer", "nullable": True},
                         "bytes": {"type": "integer"},

@@ -222,6 +222,7 @@ class SearchService:
         return {
             "id": hit.id,
             "path": hit.path,
+            "relpath": hit.relpath,  # what pages show: the server's folders stay private
             "width": hit.width,
             "height": hit.height,
             "bytes": hit.size,
