@@ -100,6 +100,12 @@ def test_upload_an_image_see_captions(server, browser, demo_bundle) -> None:
     page.wait_for_selector(".captions li")
     texts = [t.split(" ", 1)[1] for t in page.locator(".captions li").all_inner_texts()]
     assert texts[0] in own
+    assert "/image?id=" in page.url  # the results have their own address
+    page.wait_for_function("() => document.querySelector('figure.query img').naturalWidth > 0")
+    page.reload()
+    page.wait_for_selector(".captions li")
+    again = [t.split(" ", 1)[1] for t in page.locator(".captions li").all_inner_texts()]
+    assert again == texts  # a reload shows the same search
     page.wait_for_function(
         "() => [...document.querySelectorAll('.grid img')].every(i => i.complete)"
     )
@@ -152,3 +158,27 @@ def test_load_more_appends_as_you_scroll(server, browser) -> None:
     assert page.locator("#more").count() == 0  # the last page has no link
     assert page.locator("ul.grid").count() == 1  # appended in place, one grid
     page.close()
+
+
+def test_drop_zone_opens_the_picker_and_says_why_it_refuses(server, browser, tmp_path) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/image")
+    with page.expect_file_chooser() as chooser:
+        page.click("#drop-help")  # anywhere in the zone, not only the button
+    assert chooser.value is not None
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    page.set_input_files("#image", str(text))
+    page.wait_for_selector("#drop-problem:not([hidden])")
+    assert "not an image" in page.inner_text("#drop-problem")
+    assert "/image?id=" not in page.url  # nothing was sent
+    assert page.get_attribute("#drop", "role") == "button"
+    page.close()
+    phone = browser.new_context(
+        viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True
+    )
+    tab = phone.new_page()
+    tab.goto(server + "/image")
+    assert "Ctrl+V" not in tab.inner_text("#drop")  # touch screens are told to tap
+    assert "Tap" in tab.inner_text("#drop")
+    phone.close()

@@ -191,6 +191,8 @@ def test_upload_form_needs_its_csrf_token(client, demo_bundle) -> None:
     form = client.get("/image").data.decode()
     token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
     r = client.post("/image", data={"image": (io.BytesIO(data), "q.png"), "csrf_token": token})
+    assert r.status_code == 303 and r.headers["Location"].startswith("/image?id=")
+    r = client.get(r.headers["Location"])
     assert r.status_code == 200 and b"Captions for q.png" in r.data
     r = client.post("/image", data={"image": (io.BytesIO(b"junk"), "q.png"), "csrf_token": token})
     assert r.status_code == 400 and b"not an image" in r.data
@@ -379,3 +381,57 @@ def test_detail_page_shows_the_path_inside_its_root(client, demo_bundle) -> None
     assert info["relpath"] == hit["path"].rsplit("/", 1)[-1]
     html = client.get(f"/images/{hit['id']}").get_data(as_text=True)
     assert info["relpath"] in html and str(demo_bundle[0]) not in html
+
+
+def _upload(client, data: bytes, name: str = "q.png", **form) -> str:
+    page = client.get("/image").data.decode()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    fields = {"image": (io.BytesIO(data), name), "csrf_token": token, **form}
+    r = client.post("/image", data=fields)
+    assert r.status_code == 303, r.data[:300]
+    return r.headers["Location"]
+
+
+def test_search_by_image_has_a_url_that_reloads(client, demo_bundle) -> None:
+    data = first_image(demo_bundle[0]).read_bytes()
+    url = _upload(client, data, k="6")
+    first, again = client.get(url), client.get(url)
+    assert first.status_code == again.status_code == 200
+    assert first.data == again.data  # a reload (or a shared link) shows the same results
+    html = first.get_data(as_text=True)
+    assert html.count('class="card"') == 6 and "Captions for q.png" in html
+    query_src = re.search(r'<figure class="query"><img src="([^"]+)"', html).group(1)
+    shown = client.get(query_src)
+    assert shown.status_code == 200 and shown.mimetype == "image/png"
+    assert Image.open(io.BytesIO(shown.data)).size == Image.open(io.BytesIO(data)).size
+    # the next page of images and of captions
+    more = re.search(r'id="more" href="([^"]+)"', html).group(1).replace("&amp;", "&")
+    assert "offset=6" in more and client.get(more).get_data(as_text=True).count('class="card"') == 6
+    # another client with the link sees the same; an unknown id says it expired
+    key = url.split("id=", 1)[1].split("&", 1)[0]
+    assert len(key) >= 22
+    r = client.get("/image", query_string={"id": "x" * 22})
+    assert r.status_code == 404 and b"expired" in r.data
+    assert client.get("/image/query/" + "x" * 22).status_code == 404
+
+
+def test_upload_store_is_bounded_in_count_bytes_and_age() -> None:
+    from xmodal.web.uploads import UploadExpired, UploadStore
+
+    img = Image.new("RGB", (2000, 1000), (10, 200, 30))
+    store = UploadStore(max_count=3, max_bytes=10**9, ttl_s=3600)
+    keys = [store.put(img, f"{i}.png")[0] for i in range(5)]
+    assert len(store) == 3 and len(set(keys)) == 5
+    with pytest.raises(UploadExpired):
+        store.get(keys[0])  # the oldest went first
+    stored = store.get(keys[4])
+    assert stored.filename == "4.png" and min(stored.image().size) == 512  # kept small
+    one = len(stored.png)
+    by_bytes = UploadStore(max_count=100, max_bytes=2 * one, ttl_s=3600)
+    for i in range(4):
+        by_bytes.put(img, f"{i}.png")
+    assert len(by_bytes) == 2 and by_bytes.bytes <= 2 * one
+    aged = UploadStore(max_count=100, max_bytes=10**9, ttl_s=0.0)
+    key, _ = aged.put(img, "old.png")
+    with pytest.raises(UploadExpired):
+        aged.get(key)

@@ -37,6 +37,10 @@ DEFAULTS: dict[str, Any] = {
     "TEXT_CACHE_SIZE": 2048,
     "API_MAX_K": 200,  # the most results a page or API request may ask (k); <= search's MAX_K
     "DEFAULT_K": 24,  # results when a request names no k
+    # Uploaded image queries kept so their results have a URL (web/uploads.py):
+    "UPLOAD_STORE_COUNT": 256,  # queries kept at most
+    "UPLOAD_STORE_BYTES": 64 * 2**20,  # their images' total size at most (~300 KB each)
+    "UPLOAD_STORE_TTL_S": 3600.0,  # how long a link to an image search keeps working
     "SECRET_KEY": None,  # default: random per process (CSRF tokens of this process)
     "ENGINE": None,  # an already opened search.engine.SearchEngine (tests, embedding)
 }

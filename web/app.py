@@ -40,6 +40,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     from . import api, pages, security
     from .service import SearchService
+    from .uploads import UploadStore
 
     app = Flask(__package__)  # "xmodal.web": its templates, static files and logger
     app.request_class = InMemoryRequest
@@ -62,6 +63,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         app.config["TEXT_CACHE_SIZE"],
         decode_slots=app.config["UPLOAD_DECODE_SLOTS"],
         refresh_every_s=app.config["REFRESH_EVERY_S"],
+        uploads=UploadStore(
+            app.config["UPLOAD_STORE_COUNT"],
+            app.config["UPLOAD_STORE_BYTES"],
+            app.config["UPLOAD_STORE_TTL_S"],
+        ),
     )
     security.init_app(app)
     # A re-index while serving publishes a new generation: pick it up without a restart.

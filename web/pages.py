@@ -1,23 +1,34 @@
 """HTML pages: text search, search by image, image detail, status.
 
 Text search is a plain GET form (works without JavaScript). Search by image is a
-POST form with a CSRF token; JavaScript only adds drag-and-drop and paste, which fill
-the same form. Every value from users or files goes through Jinja's autoescaping.
+POST form with a CSRF token that keeps the upload and redirects to its results' own URL;
+JavaScript only adds drag-and-drop, paste and "load more" in place, over the same
+forms and links. Every value from users or files goes through Jinja's autoescaping.
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, render_template, request, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError
-from xmodal.search.engine import QueryError
+from xmodal.search.engine import MAX_K, QueryError
 
 from .api import (
     BadParameter,
     error_status,
     float_param,
     http_error_message,
+    int_param,
     k_param,
     next_offset,
     offset_param,
@@ -26,6 +37,7 @@ from .api import (
 from .security import check_csrf
 from .service import NotServable
 from .service import current_service as service
+from .uploads import UploadExpired
 
 bp = Blueprint("pages", __name__)
 
@@ -69,10 +81,49 @@ def search() -> tuple[str, int] | str:
 
 
 @bp.route("/image", methods=["GET", "POST"])
-def image_search() -> tuple[str, int] | str:
-    """Search by image: upload by picker, drag-and-drop or paste."""
-    if request.method != "POST":  # GET, and HEAD (the same without the body)
+def image_search() -> tuple[str, int] | str | Response:
+    """Search by image. POST (picker, drag-and-drop or paste) stores the upload under an
+    opaque id and redirects to ``GET /image?id=...``, which shows the results: a reload
+    or a shared link works until the id expires."""
+    if request.method == "POST":
+        return _store_upload()
+    key = request.args.get("id", "")
+    if not key:
         return render_template("image.html", captions=None, images=None)
+    try:
+        stored = service().uploads.get(key)
+        k = k_param()
+        offset = offset_param(k)
+        coffset = int_param("coffset", 0, 0, MAX_K - IMAGE_PAGE_CAPTIONS)
+        image = stored.image()
+        captions = service().image_query(image, "captions", IMAGE_PAGE_CAPTIONS, offset=coffset)
+        images = service().image_query(image, "images", k, offset=offset)
+    except UploadExpired as exc:
+        return render_template("image.html", captions=None, images=None, error=str(exc)), 404
+    except (BadParameter, QueryError) as exc:
+        return render_template("image.html", captions=None, images=None, error=str(exc)), 400
+    args = {"id": key, **({"k": k} if request.args.get("k") else {})}
+    more_images = next_offset(offset, k, images)
+    more_captions = next_offset(coffset, IMAGE_PAGE_CAPTIONS, captions)
+    return render_template(
+        "image.html",
+        captions=captions,
+        images=images,
+        filename=stored.filename,
+        query_url=url_for("pages.query_image", key=key),
+        offset=offset,
+        coffset=coffset,
+        next_url=None
+        if more_images is None
+        else url_for("pages.image_search", **args, offset=more_images),
+        next_captions_url=None
+        if more_captions is None
+        else url_for("pages.image_search", **args, coffset=more_captions),
+    )
+
+
+def _store_upload() -> tuple[str, int] | Response:
+    """Decode and keep a posted image, then send the browser to its results."""
     check_csrf()
     upload = request.files.get("image")
     try:
@@ -80,17 +131,28 @@ def image_search() -> tuple[str, int] | str:
             raise BadParameter("choose an image to search with")
         data = read_upload(upload)
         k = k_param()
-        image = service().decode_upload(data)  # once, for both searches
-        captions = service().image_query(image, "captions", min(k, IMAGE_PAGE_CAPTIONS))
-        images = service().image_query(image, "images", k)
+        image = service().decode_upload(data)
     except (BadParameter, ImageDecodeError) as exc:
         return render_template("image.html", captions=None, images=None, error=str(exc)), 400
     except RequestEntityTooLarge as exc:
         message = http_error_message(exc)
         return render_template("image.html", captions=None, images=None, error=message), 413
-    return render_template(
-        "image.html", captions=captions, images=images, filename=upload.filename or "upload"
-    )
+    key, _ = service().uploads.put(image, upload.filename or "upload")
+    args = {"k": k} if request.form.get("k") else {}
+    return redirect(url_for("pages.image_search", id=key, **args), code=303)
+
+
+@bp.get("/image/query/<key>")
+def query_image(key: str) -> Response:
+    """The image a stored search by image searched with."""
+    try:
+        stored = service().uploads.get(key)
+    except UploadExpired as exc:
+        return Response(str(exc), status=404, mimetype="text/plain")
+    response = Response(stored.png, mimetype="image/png")
+    max_age = int(current_app.config["UPLOAD_STORE_TTL_S"])
+    response.headers["Cache-Control"] = f"private, max-age={max_age}"
+    return response
 
 
 @bp.get("/images/<id:image_id>")

@@ -32,7 +32,8 @@ from xmodal.search.engine import DEFAULT_RERANK_K, ImageHit, Result, SearchEngin
 from xmodal.search.query import TextQuery
 from xmodal.search.status import bundle_status
 
-from . import MAX_CATALOG_ID, REFRESH_EVERY_S, UPLOAD_DECODE_SLOTS
+from . import DEFAULTS, MAX_CATALOG_ID, REFRESH_EVERY_S, UPLOAD_DECODE_SLOTS
+from .uploads import UploadStore
 
 THUMBNAIL_SIZE = 256
 
@@ -90,8 +91,14 @@ class SearchService:
         cache_size: int = 2048,
         decode_slots: int = UPLOAD_DECODE_SLOTS,
         refresh_every_s: float = REFRESH_EVERY_S,
+        uploads: UploadStore | None = None,
     ) -> None:
         self.engine = engine
+        self.uploads = uploads or UploadStore(
+            DEFAULTS["UPLOAD_STORE_COUNT"],
+            DEFAULTS["UPLOAD_STORE_BYTES"],
+            DEFAULTS["UPLOAD_STORE_TTL_S"],
+        )
         self.text_cache = EmbeddingCache(cache_size)
         self.thumbnail_dir = Path(thumbnail_dir or engine.bundle.path / "thumbnails")
         self._roots = [os.path.realpath(r) for r in engine.bundle.roots()]

@@ -11,46 +11,65 @@
     }
   });
 
-  // "Load more": fetch the next page and append its cards here, as it scrolls into view
-  // or when clicked; without this script the link opens the next page.
+  // "Load more": fetch the next page and append its items to the same list, as the link
+  // scrolls into view (images) or when clicked; without this script the link opens the
+  // next page. A link names its list with data-list (default: the image grid).
+  function listOf(link) { return link.dataset.list || "ul.grid"; }
   function loadMore(link) {
     if (link.dataset.loading) return;
     link.dataset.loading = "1";
+    var label = link.textContent;
     link.textContent = "Loading…";
     fetch(link.href, { headers: { Accept: "text/html" } })
       .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
       .then(function (html) {
         var page = new DOMParser().parseFromString(html, "text/html");
-        var grid = document.querySelector("ul.grid");
-        page.querySelectorAll("ul.grid > li").forEach(function (li) {
-          grid.appendChild(document.adoptNode(li));
+        var sel = listOf(link);
+        var list = document.querySelector(sel);
+        page.querySelectorAll(sel + " > li").forEach(function (li) {
+          list.appendChild(document.adoptNode(li));
         });
-        var next = page.getElementById("more");
+        var next = link.id ? page.getElementById(link.id)
+          : page.querySelector('a.more-link[data-list="' + sel + '"]');
         var box = link.parentNode;
         if (next) { box.replaceChild(document.adoptNode(next), link); watch(next); }
         else box.remove();
       })
-      .catch(function () { delete link.dataset.loading; link.textContent = "Load more"; });
+      .catch(function () { delete link.dataset.loading; link.textContent = label; });
   }
   function watch(link) {
     link.addEventListener("click", function (e) { e.preventDefault(); loadMore(link); });
-    if ("IntersectionObserver" in window) {
+    if (link.id === "more" && "IntersectionObserver" in window) {
       var seen = new IntersectionObserver(function (entries) {
         if (entries[0].isIntersecting) { seen.disconnect(); loadMore(link); }
       }, { rootMargin: "400px" });
       seen.observe(link);
     }
   }
-  var more = document.getElementById("more");
-  if (more && document.querySelector("ul.grid")) watch(more);
+  document.querySelectorAll("#more, a.more-link").forEach(watch);
 
   var form = document.getElementById("upload");
   var drop = document.getElementById("drop");
   var input = document.getElementById("image");
+  var problem = document.getElementById("drop-problem");
   if (!form || !drop || !input) return;
+  var maxBytes = parseInt(form.dataset.maxBytes || "0", 10);
 
+  function refuse(message) {
+    problem.textContent = message;
+    problem.hidden = false;
+  }
   function useFile(file) {
-    if (!file || !/^image\//.test(file.type)) return;
+    if (!file) return refuse("Nothing to search with: that was not a file.");
+    if (!/^image\//.test(file.type)) {
+      return refuse("That file is not an image (" + (file.type || "unknown type") +
+        "). Use a photo or picture: JPEG, PNG, WebP, GIF, BMP or TIFF.");
+    }
+    if (maxBytes && file.size > maxBytes) {
+      return refuse("That image is too large (" + (file.size / 1048576).toFixed(1) +
+        " MB); the limit is " + (maxBytes / 1048576).toFixed(0) + " MB.");
+    }
+    problem.hidden = true;
     var dt = new DataTransfer();
     dt.items.add(file);
     input.files = dt.files;
@@ -72,16 +91,22 @@
   });
   drop.addEventListener("drop", function (e) {
     e.preventDefault();
-    if (e.dataTransfer && e.dataTransfer.files.length) useFile(e.dataTransfer.files[0]);
+    var files = e.dataTransfer ? e.dataTransfer.files : [];
+    if (files.length) useFile(files[0]);
+    else refuse("Nothing to search with: drop an image file, not a link or text.");
   });
+  // The whole zone opens the file picker (the input inside it opens it by itself).
+  drop.addEventListener("click", function (e) { if (e.target !== input) input.click(); });
   drop.addEventListener("keydown", function (e) {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
   });
-  input.addEventListener("change", function () { if (input.files.length) form.requestSubmit(); });
+  input.addEventListener("change", function () { if (input.files.length) useFile(input.files[0]); });
   document.addEventListener("paste", function (e) {
+    if (e.target && /^(INPUT|TEXTAREA)$/.test(e.target.tagName) && e.target !== input) return;
     var items = (e.clipboardData || {}).items || [];
     for (var i = 0; i < items.length; i++) {
       if (items[i].kind === "file") { useFile(items[i].getAsFile()); return; }
     }
+    refuse("The clipboard holds no image: copy a picture, then paste it here.");
   });
 })();
