@@ -120,7 +120,38 @@ def test_phone_width_layout(server, browser) -> None:
     page.wait_for_selector(".grid img")
     width = page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= 390  # no sideways scrolling
+    box = (
+        "(s) => { const r = document.querySelector(s).getBoundingClientRect(); return r.toJSON(); }"
+    )
+    form = page.evaluate(box, "form.search")["height"]
+    assert form <= 120  # the first results show without scrolling past a tall form
+    first = page.evaluate(box, ".grid img")["top"]
+    assert first < 844 / 3
     page.screenshot(path=str(ARTIFACTS / "search-phone.png"))
+    page.close()
+
+
+CONTRAST = """(sel) => {
+  const rgb = s => s.match(/[0-9.]+/g).slice(0, 3).map(Number);
+  const lum = c => { const [r, g, b] = c.map(v => { v /= 255;
+    return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const el = document.querySelector(sel);
+  const a = lum(rgb(getComputedStyle(el).borderTopColor));
+  const b = lum(rgb(getComputedStyle(el.parentElement).backgroundColor || 'rgb(255,255,255)'));
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+
+def test_inputs_are_visible_and_named(server, browser) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/")
+    page.evaluate("() => { document.body.style.background = '#fff'; }")
+    for sel in ("#q", "#k", "#min_score"):
+        assert page.evaluate(CONTRAST, sel) >= 3.0, sel  # WCAG 1.4.11, non-text contrast
+    page.goto(server + "/image")
+    assert page.get_by_role("button", name="Choose an image to search with").count() == 1
+    assert page.evaluate("() => document.querySelector('link[rel=icon]').href").endswith(".svg")
     page.close()
 
 

@@ -435,3 +435,27 @@ def test_upload_store_is_bounded_in_count_bytes_and_age() -> None:
     key, _ = aged.put(img, "old.png")
     with pytest.raises(UploadExpired):
         aged.get(key)
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "words"),
+    [
+        ({"k": "0"}, "k", "Results must be a whole number from 1 to 200."),
+        ({"k": "lots"}, "k", "Results must be a whole number from 1 to 200."),
+        ({"min_score": "high"}, "min_score", "Min similarity must be a number, such as 0.25."),
+    ],
+)
+def test_page_errors_are_next_to_their_field_in_plain_words(client, params, field, words):
+    r = client.get("/", query_string={"q": "a red circle", **params})
+    html = r.get_data(as_text=True)
+    assert r.status_code == 400 and words in html
+    assert f'id="{field}-error"' in html and f'aria-describedby="{field}-error"' in html
+    assert "k must" not in html and "min_score" not in html.split('id="' + field + '-error"')[1]
+
+
+def test_every_page_has_a_heading_and_a_favicon(client, demo_bundle) -> None:
+    hit = client.get("/api/search", query_string={"q": "a star", "k": 1}).get_json()["results"][0]
+    for url in ("/", "/?q=a+star", "/image", f"/images/{hit['id']}", "/status", "/nowhere"):
+        assert "<h1" in client.get(url).get_data(as_text=True), url
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.mimetype == "image/svg+xml"

@@ -37,7 +37,16 @@ log = logging.getLogger(__name__)
 
 
 class BadParameter(XmodalError):
-    """A request parameter is missing or invalid."""
+    """A request parameter is missing or invalid.
+
+    The message names the parameter (for programs); ``param`` and ``problem`` ("must be a
+    whole number from 1 to 200") let a page say it next to its field, in its own words.
+    """
+
+    def __init__(self, message: str, param: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.problem = problem
 
 
 def int_param(name: str, default: int, low: int, high: int) -> int:
@@ -45,12 +54,13 @@ def int_param(name: str, default: int, low: int, high: int) -> int:
     raw = request.values.get(name)
     if raw is None or raw == "":
         return default
+    problem = f"must be a whole number from {low} to {high}"
     try:
         value = int(raw)
     except ValueError:
-        raise BadParameter(f"{name} must be an integer, got {raw[:40]!r}") from None
+        raise BadParameter(f"{name} {problem}, got {raw[:40]!r}", name, problem) from None
     if not low <= value <= high:
-        raise BadParameter(f"{name} must be between {low} and {high}, got {value}")
+        raise BadParameter(f"{name} {problem}, got {value}", name, problem)
     return value
 
 
@@ -59,12 +69,13 @@ def float_param(name: str) -> float | None:
     raw = request.values.get(name)
     if raw is None or raw == "":
         return None
+    problem = "must be a number, such as 0.25"
     try:
         value = float(raw)
     except ValueError:
-        raise BadParameter(f"{name} must be a number, got {raw[:40]!r}") from None
+        raise BadParameter(f"{name} {problem}, got {raw[:40]!r}", name, problem) from None
     if not math.isfinite(value):
-        raise BadParameter(f"{name} must be a finite number")
+        raise BadParameter(f"{name} must be a finite number", name, problem)
     return value
 
 

@@ -41,6 +41,8 @@ from .uploads import UploadExpired
 
 bp = Blueprint("pages", __name__)
 
+# What the pages call their fields, for errors shown next to them in people's words.
+FIELD_LABELS = {"k": "Results", "min_score": "Min similarity", "offset": "The result to start from"}
 IMAGE_PAGE_CAPTIONS = 10  # captions the search-by-image page shows at most
 DETAIL_SIMILAR = 12  # "more like this" images on an image's page
 
@@ -60,6 +62,7 @@ def search() -> tuple[str, int] | str:
         "q": q,
         "k": request.args.get("k", ""),
         "min_score": request.args.get("min_score", ""),
+        "field_errors": {},
     }
     if not q.strip():
         return render_template("search.html", results=None, **ctx)
@@ -67,13 +70,18 @@ def search() -> tuple[str, int] | str:
         k = k_param()
         offset = offset_param(k)
         results = service().text_to_images(q, k, float_param("min_score"), rerank, offset=offset)
-    except (BadParameter, QueryError) as exc:
+    except BadParameter as exc:
+        if exc.param in FIELD_LABELS:
+            ctx["field_errors"] = {exc.param: f"{FIELD_LABELS[exc.param]} {exc.problem}."}
+            return render_template("search.html", results=None, **ctx), 400
+        return render_template("search.html", results=None, error=str(exc), **ctx), 400
+    except QueryError as exc:
         return render_template("search.html", results=None, error=str(exc), **ctx), 400
     more = next_offset(offset, k, results)
     # "Load more" is a plain link to the next page; app.js appends it in place instead.
     next_url = None
     if more is not None:
-        args = {key: v for key, v in ctx.items() if key != "rerank" and v != ""}
+        args = {key: ctx[key] for key in ("q", "k", "min_score") if ctx[key] != ""}
         if rerank is not None:
             args["rerank"] = int(rerank)
         next_url = url_for("pages.search", **args, offset=more)
@@ -164,6 +172,15 @@ def detail(image_id: int) -> tuple[str, int] | str:
         return render_template("error.html", code=404, message=str(exc)), 404
     similar = service().similar(image_id, DETAIL_SIMILAR)
     return render_template("detail.html", info=info, similar=similar)
+
+
+@bp.get("/favicon.ico")
+def favicon() -> Response:
+    """The icon browsers ask for by this name (pages link the same SVG)."""
+    response = current_app.send_static_file("favicon.svg")
+    response.mimetype = "image/svg+xml"
+    response.cache_control.max_age = 86400
+    return response
 
 
 @bp.get("/status")
