@@ -71,7 +71,8 @@ def test_type_a_query_see_images_open_detail(server, browser, demo_bundle) -> No
     assert "a large blue square" in page.inner_text("h1")
     page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
 
-    page.click(".grid .card a >> nth=0")
+    page.click(".grid .card a >> nth=0")  # opens the viewer; its "Details" the page
+    page.click("dialog#viewer .viewer-details")
     page.wait_for_selector("text=More like this")
     page.wait_for_function(
         "() => [...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
@@ -213,3 +214,58 @@ def test_drop_zone_opens_the_picker_and_says_why_it_refuses(server, browser, tmp
     assert "Ctrl+V" not in tab.inner_text("#drop")  # touch screens are told to tap
     assert "Tap" in tab.inner_text("#drop")
     phone.close()
+
+
+def test_viewer_keys_and_return_to_the_same_place(server, browser) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 700})
+    page.goto(server + "/?q=a+large+purple+heart&k=24")
+    page.wait_for_selector(".grid img")
+    cards = page.locator(".grid .card a")
+    third = cards.nth(14)  # a row down the page: opening it scrolls the page there
+    third.click()
+    page.wait_for_selector("dialog#viewer[open]")
+    before = page.evaluate("() => window.scrollY")
+    assert before > 0
+    src = lambda: page.get_attribute(".viewer-image", "src")  # noqa: E731
+    assert src() == third.get_attribute("data-full")
+    page.wait_for_function(
+        "() => document.querySelector('.viewer-image').complete"
+        " && document.querySelector('.viewer-image').naturalWidth > 0"
+    )
+    page.screenshot(path=str(ARTIFACTS / "viewer.png"))
+    page.keyboard.press("ArrowRight")
+    assert src() == cards.nth(15).get_attribute("data-full")
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")
+    assert src() == cards.nth(13).get_attribute("data-full")
+    alt = page.get_attribute(".viewer-image", "alt")
+    assert alt and alt == cards.nth(13).locator("img").get_attribute("alt")
+    assert page.get_attribute(".viewer-search", "href").startswith("/image?image_id=")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("dialog#viewer", state="hidden")
+    assert page.evaluate("() => window.scrollY") == before  # the same place in the results
+    assert "/?q=" in page.url
+    # the browser's back closes the viewer too, and stays on the results
+    third.click()
+    page.wait_for_selector("dialog#viewer[open]")
+    page.go_back()
+    page.wait_for_selector("dialog#viewer", state="hidden")
+    assert "/?q=" in page.url and page.evaluate("() => window.scrollY") == before
+    # "search with this image" runs a search by image for the indexed image
+    cards.nth(0).click()
+    page.click(".viewer-search")
+    page.wait_for_selector(".captions li")
+    assert "image_id=" in page.url and page.locator("figure.query img").count() == 1
+    page.close()
+
+
+def test_without_javascript_a_result_opens_its_detail_page(server, browser) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(server + "/?q=a+small+red+square")
+    page.click(".grid .card a >> nth=0")
+    page.wait_for_selector("text=More like this")
+    assert "/images/" in page.url
+    page.click("text=Back to results")
+    assert "/?q=" in page.url
+    context.close()

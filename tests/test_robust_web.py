@@ -263,7 +263,7 @@ def test_upload_limit_counts_the_file_exactly(client) -> None:
 
 def test_head_answers_every_get_route_like_get(client, app) -> None:
     image_id = next(iter(_ids_by_name(client).values()))
-    values = {"image_id": image_id, "filename": "app.js"}
+    values = {"image_id": image_id, "filename": "app.js", "key": "x" * 22}
     urls = app.url_map.bind("localhost")
     checked = 0
     for rule in app.url_map.iter_rules():

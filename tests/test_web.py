@@ -420,7 +420,7 @@ def test_upload_store_is_bounded_in_count_bytes_and_age() -> None:
 
     img = Image.new("RGB", (2000, 1000), (10, 200, 30))
     store = UploadStore(max_count=3, max_bytes=10**9, ttl_s=3600)
-    keys = [store.put(img, f"{i}.png")[0] for i in range(5)]
+    keys = [store.put(img, f"{i}.png") for i in range(5)]
     assert len(store) == 3 and len(set(keys)) == 5
     with pytest.raises(UploadExpired):
         store.get(keys[0])  # the oldest went first
@@ -432,7 +432,7 @@ def test_upload_store_is_bounded_in_count_bytes_and_age() -> None:
         by_bytes.put(img, f"{i}.png")
     assert len(by_bytes) == 2 and by_bytes.bytes <= 2 * one
     aged = UploadStore(max_count=100, max_bytes=10**9, ttl_s=0.0)
-    key, _ = aged.put(img, "old.png")
+    key = aged.put(img, "old.png")
     with pytest.raises(UploadExpired):
         aged.get(key)
 

@@ -8,6 +8,8 @@ forms and links. Every value from users or files goes through Jinja's autoescapi
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from flask import (
     Blueprint,
     Response,
@@ -23,6 +25,7 @@ from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError
 from xmodal.search.engine import MAX_K, QueryError
 
+from . import MAX_CATALOG_ID
 from .api import (
     BadParameter,
     error_status,
@@ -96,21 +99,28 @@ def image_search() -> tuple[str, int] | str | Response:
     if request.method == "POST":
         return _store_upload()
     key = request.args.get("id", "")
-    if not key:
+    indexed = request.args.get("image_id", "")
+    if not key and not indexed:
         return render_template("image.html", captions=None, images=None)
     try:
-        stored = service().uploads.get(key)
+        if indexed:  # "search with this image" for an indexed image: its URL is stable
+            stored = service().indexed_query(int_param("image_id", 0, 1, MAX_CATALOG_ID))
+            args = {"image_id": indexed}
+        else:
+            stored = service().uploads.get(key)
+            args = {"id": key}
         k = k_param()
         offset = offset_param(k)
         coffset = int_param("coffset", 0, 0, MAX_K - IMAGE_PAGE_CAPTIONS)
         image = stored.image()
         captions = service().image_query(image, "captions", IMAGE_PAGE_CAPTIONS, offset=coffset)
         images = service().image_query(image, "images", k, offset=offset)
-    except UploadExpired as exc:
+    except (UploadExpired, NotServable) as exc:
         return render_template("image.html", captions=None, images=None, error=str(exc)), 404
     except (BadParameter, QueryError) as exc:
         return render_template("image.html", captions=None, images=None, error=str(exc)), 400
-    args = {"id": key, **({"k": k} if request.args.get("k") else {})}
+    if request.args.get("k"):
+        args["k"] = k
     more_images = next_offset(offset, k, images)
     more_captions = next_offset(coffset, IMAGE_PAGE_CAPTIONS, captions)
     return render_template(
@@ -118,7 +128,9 @@ def image_search() -> tuple[str, int] | str | Response:
         captions=captions,
         images=images,
         filename=stored.filename,
-        query_url=url_for("pages.query_image", key=key),
+        query_url=url_for("pages.query_image", key=key)
+        if key and not indexed
+        else url_for("api.image_thumbnail", image_id=int(indexed)),
         offset=offset,
         coffset=coffset,
         next_url=None
@@ -145,7 +157,7 @@ def _store_upload() -> tuple[str, int] | Response:
     except RequestEntityTooLarge as exc:
         message = http_error_message(exc)
         return render_template("image.html", captions=None, images=None, error=message), 413
-    key, _ = service().uploads.put(image, upload.filename or "upload")
+    key = service().uploads.put(image, upload.filename or "upload")
     args = {"k": k} if request.form.get("k") else {}
     return redirect(url_for("pages.image_search", id=key, **args), code=303)
 
@@ -171,7 +183,12 @@ def detail(image_id: int) -> tuple[str, int] | str:
     except NotServable as exc:
         return render_template("error.html", code=404, message=str(exc)), 404
     similar = service().similar(image_id, DETAIL_SIMILAR)
-    return render_template("detail.html", info=info, similar=similar)
+    # Back to the results this came from, when they were ours (no open redirect elsewhere).
+    back = request.referrer or ""
+    ours = back.startswith(request.host_url) and urlsplit(back).path in ("/", "/image")
+    return render_template(
+        "detail.html", info=info, similar=similar, back_url=back if ours else None
+    )
 
 
 @bp.get("/favicon.ico")

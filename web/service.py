@@ -27,13 +27,13 @@ from typing import Any
 
 from PIL import Image
 from xmodal.crossmodal.errors import XmodalError
-from xmodal.crossmodal.images import ImageDecodeError, decode_image, decode_upload
+from xmodal.crossmodal.images import QUERY_SIDE, ImageDecodeError, decode_image, decode_upload
 from xmodal.search.engine import DEFAULT_RERANK_K, ImageHit, Result, SearchEngine, check_text
 from xmodal.search.query import TextQuery
 from xmodal.search.status import bundle_status
 
 from . import DEFAULTS, MAX_CATALOG_ID, REFRESH_EVERY_S, UPLOAD_DECODE_SLOTS
-from .uploads import UploadStore
+from .uploads import StoredQuery, UploadStore
 
 THUMBNAIL_SIZE = 256
 
@@ -207,6 +207,16 @@ class SearchService:
                 image, k, min_score, rerank, rerank_k, offset=offset
             )
         return self.engine.image_to_images(image, k, min_score, offset=offset)
+
+    def indexed_query(self, image_id: int) -> StoredQuery:
+        """An indexed image as a search-by-image query ("search with this image")."""
+        path, hit = self.safe_path(image_id)
+        try:
+            with self._decode_slots:
+                image = decode_image(path, draft=(QUERY_SIDE, QUERY_SIDE))
+        except (OSError, ImageDecodeError) as exc:
+            raise NotServable(f"image {image_id} cannot be decoded: {exc}") from exc
+        return StoredQuery.of(image, hit.relpath.rsplit("/", 1)[-1])
 
     def similar(self, image_id: int, k: int, offset: int = 0) -> list[Result]:
         """'More like this' for an indexed image."""

@@ -37,6 +37,13 @@ class StoredQuery:
     filename: str
     stored_at: float
 
+    @classmethod
+    def of(cls, image: Image.Image, filename: str) -> StoredQuery:
+        """The query kept for a decoded image: reduced (``query_image``), as PNG."""
+        buf = io.BytesIO()
+        query_image(image).save(buf, "PNG", compress_level=1)  # fast; lossless: results repeat
+        return cls(buf.getvalue(), filename[:MAX_NAME_CHARS], time.monotonic())
+
     def image(self) -> Image.Image:
         """The query image, as the search saw it."""
         with Image.open(io.BytesIO(self.png)) as img:
@@ -74,18 +81,15 @@ class UploadStore:
         with self._lock:
             return self._bytes
 
-    def put(self, image: Image.Image, filename: str) -> tuple[str, Image.Image]:
-        """Store a decoded upload; returns its new id and the image searches will use."""
-        small = query_image(image)
-        buf = io.BytesIO()
-        small.save(buf, "PNG", compress_level=1)  # fast; lossless so results repeat
-        item = StoredQuery(buf.getvalue(), filename[:MAX_NAME_CHARS], time.monotonic())
+    def put(self, image: Image.Image, filename: str) -> str:
+        """Store a decoded upload; returns its new id."""
+        item = StoredQuery.of(image, filename)
         key = secrets.token_urlsafe(ID_BYTES)
         with self._lock:
             self._data[key] = item
             self._bytes += len(item.png)
             self._evict()
-        return key, small
+        return key
 
     def get(self, key: str) -> StoredQuery:
         """The stored query, marked recently used; UploadExpired when it is gone."""

@@ -16,11 +16,11 @@
   // next page. A link names its list with data-list (default: the image grid).
   function listOf(link) { return link.dataset.list || "ul.grid"; }
   function loadMore(link) {
-    if (link.dataset.loading) return;
+    if (link.dataset.loading) return Promise.resolve();
     link.dataset.loading = "1";
     var label = link.textContent;
     link.textContent = "Loading…";
-    fetch(link.href, { headers: { Accept: "text/html" } })
+    return fetch(link.href, { headers: { Accept: "text/html" } })
       .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
       .then(function (html) {
         var page = new DOMParser().parseFromString(html, "text/html");
@@ -47,6 +47,88 @@
     }
   }
   document.querySelectorAll("#more, a.more-link").forEach(watch);
+
+  // The viewer: a result opens large over the page; arrow keys and swipes move through the
+  // results (loading more at the end), Escape or the browser's back closes it and leaves
+  // the page where it was. Without this script a result opens its detail page.
+  var viewer = null, current = null, scrollAtOpen = 0;
+  function cards() { return Array.prototype.slice.call(document.querySelectorAll("ul.grid > li.card > a")); }
+  function button(label, cls, onClick) {
+    var b = document.createElement("button");
+    b.type = "button"; b.className = cls; b.textContent = label;
+    b.addEventListener("click", onClick);
+    return b;
+  }
+  function link(label, cls) {
+    var a = document.createElement("a"); a.className = cls; a.textContent = label; return a;
+  }
+  function buildViewer() {
+    viewer = document.createElement("dialog");
+    viewer.id = "viewer";
+    viewer.setAttribute("aria-label", "Image viewer");
+    var img = document.createElement("img"); img.className = "viewer-image";
+    var caption = document.createElement("p"); caption.className = "viewer-caption";
+    var bar = document.createElement("div"); bar.className = "viewer-bar";
+    bar.append(
+      button("‹ Previous", "viewer-prev", function () { step(-1); }),
+      button("Next ›", "viewer-next", function () { step(1); }),
+      link("Find similar images", "viewer-similar"),
+      link("Search with this image", "viewer-search"),
+      link("Details", "viewer-details"),
+      button("Close", "viewer-close", function () { viewer.close(); })
+    );
+    viewer.append(img, caption, bar);
+    viewer.addEventListener("keydown", function (e) {
+      if (e.key === "ArrowRight") { e.preventDefault(); step(1); }
+      if (e.key === "ArrowLeft") { e.preventDefault(); step(-1); }
+    });
+    var x0 = null;
+    viewer.addEventListener("touchstart", function (e) { x0 = e.touches[0].clientX; }, { passive: true });
+    viewer.addEventListener("touchend", function (e) {
+      if (x0 === null) return;
+      var dx = e.changedTouches[0].clientX - x0; x0 = null;
+      if (Math.abs(dx) > 50) step(dx < 0 ? 1 : -1);
+    });
+    viewer.addEventListener("close", function () {
+      if (history.state && history.state.viewer) history.back();
+      window.scrollTo(0, scrollAtOpen);
+      if (current) current.focus({ preventScroll: true });
+    });
+    document.body.appendChild(viewer);
+  }
+  function show(a) {
+    current = a;
+    var thumb = a.querySelector("img");
+    var img = viewer.querySelector(".viewer-image");
+    img.src = a.dataset.full;
+    img.alt = thumb ? thumb.alt : "";
+    viewer.querySelector(".viewer-caption").textContent = thumb ? thumb.alt : "";
+    viewer.querySelector(".viewer-details").href = a.href;
+    viewer.querySelector(".viewer-similar").href = a.href + "#similar";
+    viewer.querySelector(".viewer-search").href = a.dataset.search;
+    var all = cards(), i = all.indexOf(a);
+    viewer.querySelector(".viewer-prev").disabled = i <= 0;
+    viewer.querySelector(".viewer-next").disabled = i >= all.length - 1 && !document.getElementById("more");
+  }
+  function step(by) {
+    var all = cards(), i = all.indexOf(current) + by;
+    if (i >= 0 && i < all.length) return show(all[i]);
+    var more = document.getElementById("more");
+    if (by > 0 && more) loadMore(more).then(function () { var next = cards()[i]; if (next) show(next); });
+  }
+  document.addEventListener("click", function (e) {
+    var a = e.target.closest && e.target.closest("ul.grid > li.card > a");
+    if (!a || !a.dataset.full || e.button !== 0 || e.ctrlKey || e.metaKey || e.shiftKey || e.altKey) return;
+    e.preventDefault();
+    if (!viewer) buildViewer();
+    scrollAtOpen = window.scrollY;
+    show(a);
+    if (!viewer.open) {
+      viewer.showModal();
+      history.pushState({ viewer: true }, "");
+    }
+  });
+  window.addEventListener("popstate", function () { if (viewer && viewer.open) viewer.close(); });
 
   var form = document.getElementById("upload");
   var drop = document.getElementById("drop");
