@@ -48,6 +48,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "allowed_formats": "images",
         "decode_image": "images",
         "decode_upload": "images",
+        "QUERY_SIDE": "images",
         "PairSet": "pairs",
         "read_pairs": "pairs",
         "ImageFailure": "pair_images",
