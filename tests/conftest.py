@@ -75,11 +75,12 @@ def default_encoder():
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small demo corpus: 96 train, 24 val, 24 test images."""
+    """A small demo corpus: 96 train, 24 val, 24 test, 12 test-shifted images."""
     from xmodal.training.corpus import CorpusSpec, write_corpus
 
     out = tmp_path_factory.mktemp("corpus")
-    write_corpus(out, CorpusSpec(seed=7, train_size=96, val_size=24, test_size=24), progress=False)
+    spec = CorpusSpec(seed=7, train_size=96, val_size=24, test_size=24, test_shifted_size=12)
+    write_corpus(out, spec, progress=False)
     return out
 
 
@@ -90,7 +91,9 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory, default_encoder):
     from xmodal.training.corpus import CorpusSpec, write_corpus
 
     root = tmp_path_factory.mktemp("demo")
-    write_corpus(root, CorpusSpec(seed=11, train_size=1, val_size=1, test_size=60), progress=False)
+    # Only the test split is indexed: no test-shifted images to render.
+    spec = CorpusSpec(seed=11, train_size=1, val_size=1, test_size=60, test_shifted_size=0)
+    write_corpus(root, spec, progress=False)
     bundle = root / "bundle"
     run_index(
         default_encoder,

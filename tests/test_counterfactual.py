@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,17 @@ import torch
 from PIL import Image
 from rerank_fixtures import tiny_rerank_config
 from xmodal.crossmodal.encoder import Encoder
+from xmodal.crossmodal.errors import DataError
 from xmodal.crossmodal.pairs import PairSet, read_pairs
-from xmodal.training.corpus import HELD_OUT, CorpusSpec, Obj, Scene, captions, plan_splits
+from xmodal.training.corpus import (
+    HELD_OUT,
+    CorpusSpec,
+    Obj,
+    Scene,
+    captions,
+    plan_splits,
+    write_corpus,
+)
 from xmodal.training.counterfactual import (
     DemoImage,
     demo_images,
@@ -63,7 +73,8 @@ def test_twins_bring_in_no_held_out_combination_nor_a_val_or_test_scene(
     spec = CorpusSpec(**json.loads((small_corpus / "corpus.json").read_text())["spec"])
     avoid = held_out_keys(spec)
     plan = plan_splits(spec)
-    assert len(avoid) == len({s.key() for s in plan["val"] + plan["test"]}) > 0
+    assert plan["test-shifted"]  # its scenes are held out of twins as well
+    assert avoid == {s.key() for s in plan["val"] + plan["test"] + plan["test-shifted"]}
     made = 0
     for train_scene in plan["train"]:
         twin = twin_scene(train_scene, rng, avoid)
@@ -114,6 +125,42 @@ def test_pairs_without_a_corpus_have_no_twins(tmp_path: Path, small_corpus: Path
     )
     pairs = read_pairs(pairs_file)
     assert demo_images(pairs.source, pairs.images) == [None] * len(pairs.images)
+
+
+def test_a_corpus_json_without_a_style_is_a_flat_one(tmp_path: Path, small_corpus: Path) -> None:
+    """corpus.json files written before styles existed name neither style nor
+    test-shifted: they are flat corpora without test-shifted."""
+    shutil.copytree(small_corpus, tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "corpus.json").read_text())
+    del meta["spec"]["style"], meta["spec"]["test_shifted_size"]
+    (tmp_path / "old" / "corpus.json").write_text(json.dumps(meta))
+    pairs = read_pairs(tmp_path / "old" / "train.jsonl")
+    demo = demo_images(pairs.source, pairs.images)
+    assert all(d is not None and d.spec.style == "flat" for d in demo)
+    assert demo[0].spec.test_shifted_size == 0
+
+
+def test_a_varied_corpus_has_scenes_but_no_twins(tmp_path: Path, tiny_local_dir: Path) -> None:
+    spec = CorpusSpec(
+        seed=2, train_size=12, val_size=2, test_size=2, test_shifted_size=3, style="varied"
+    )
+    write_corpus(tmp_path, spec, workers=1, progress=False)
+    plan = plan_splits(spec)
+    for split in ("train", "test-shifted"):
+        pairs = read_pairs(tmp_path / f"{split}.jsonl")
+        demo = demo_images(pairs.source, pairs.images)
+        assert [d.scene for d in demo] == plan[split]  # .jpg and .png images alike
+        for path, d in zip(pairs.images, demo, strict=True):
+            drawn = np.asarray(render_twin(d, d.scene))  # the same style and stream
+            assert np.array_equal(drawn, np.asarray(Image.open(path).convert("RGB")))
+    assert {p.suffix for p in (tmp_path / "images" / "train").iterdir()} == {".png", ".jpg"}
+    # Its captions are paraphrases: no twin captions, said plainly, not silently none.
+    with pytest.raises(DataError, match=r"flat-style.*'varied'.*--no-counterfactual"):
+        held_out_keys(spec)
+    enc = Encoder.load(f"local-dir:{tiny_local_dir}")
+    pairs = read_pairs(tmp_path / "train.jsonl")
+    with pytest.raises(DataError, match="--no-counterfactual"):
+        counterfactual_set(enc, pairs, pairs.captions_of(), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,40 @@
 
 A scene is a background plus 1-3 objects (size, colour, shape) laid out in a row
 (left to right) or a column (top to bottom). Captions are generated from the scene's
-structure, so every caption is true of its image, and every caption names the whole
-scene: background, each object's size, colour and shape, and their spatial order.
+structure (``vocabulary``), so every caption is true of its image.
+
+Two styles (``CorpusSpec.style``; ``DEFAULT_STYLE`` is flat until the shapes model and
+its reranker are retrained on varied, then it switches):
+
+- ``flat``: one RGB value per colour name, flat backdrops, 128 px PNGs, four fixed
+  templates per image each naming the whole scene. The shipped models were trained on
+  it; for a seed its train/val/test files are byte-identical to the generator's before
+  styles existed.
+- ``varied``: every image draws a render style (``styles``: gradient, noise and
+  texture backdrops as well as flat ones, outlines, shaded fills, rotation, aspect and
+  scale jitter, blur, JPEG recompression, several image sizes, each colour name a range
+  of hues and shades) from one of the training style families; captions are free
+  paraphrases with synonyms, four naming the whole scene, and in train two partial
+  ones (some of the objects, no size, no background) that are still true.
 
 Splits: ``test`` (1,000 images by default) and ``val`` hold pairwise distinct scene
 descriptions, drawn over all colour-shape combinations; ``train`` never contains the
 held-out colour-shape combinations (one per colour and per shape) nor any scene
-description of val or test. The same seed gives byte-identical files.
+description of val or test. ``test-shifted`` (300 by default, in either style) keeps
+those held-out combinations and descriptions apart from train too, but is rendered in a
+style family that never occurs elsewhere (``styles.HELD_OUT_FAMILY``) and captioned
+with synonyms held out of every other split (``vocabulary.HELD_OUT_SYNONYMS``). Val,
+test and test-shifted captions all name the whole scene, so recall@1 is well defined.
+The same seed gives byte-identical files, however many rendering processes.
 
 Output layout (the same format users bring their own pairs in)::
 
-    DIR/images/{split}/{split}_000123.png
-    DIR/{train,val,test}.jsonl     lines {"image": "images/...png", "caption": "..."}
-    DIR/corpus.json                the vocabulary, held-out combinations, counts, seed
+    DIR/images/{split}/{split}_000123.png   (.jpg for a varied image saved as JPEG)
+    DIR/{train,val,test,test-shifted}.jsonl lines {"image": "images/...", "caption": "..."}
+    DIR/queries-{val,test,test-shifted}.jsonl  query sets (``queries``): lines {"query":
+                      "...", "kind": "...", "relevant": ["images/...", ...]}
+    DIR/corpus.json   the spec (style included), vocabulary, synonyms, held-out
+                      combinations and family, image formats and sizes, counts
 """
 
 from __future__ import annotations
@@ -28,34 +49,57 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from PIL import Image, ImageDraw
 
-SHAPES: tuple[str, ...] = (
-    "circle",
-    "square",
-    "triangle",
-    "diamond",
-    "star",
-    "cross",
-    "heart",
-    "crescent",
+from . import styles
+from .vocabulary import (
+    ARRANGEMENTS,
+    BACKGROUNDS,
+    COLOR_NAMES,
+    COLORS,
+    HELD_OUT_SYNONYMS,
+    SHAPES,
+    SIZES,
+    SYNONYMS,
+    Obj,
+    Scene,
+    captions,
+    describe,
+    full_claim,
+    partial_claim,
 )
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (214, 39, 40),
-    "orange": (255, 127, 14),
-    "yellow": (240, 210, 30),
-    "green": (44, 160, 44),
-    "cyan": (23, 190, 207),
-    "blue": (31, 80, 200),
-    "purple": (128, 60, 180),
-    "pink": (247, 129, 191),
-}
-SIZES: tuple[str, ...] = ("small", "large")
-BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "checkered")
-ARRANGEMENTS: tuple[str, ...] = ("row", "column")  # row: left to right; column: top to bottom
 
-COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+__all__ = [
+    "ARRANGEMENTS",
+    "BACKGROUNDS",
+    "COLORS",
+    "COLOR_NAMES",
+    "COUNT_WEIGHTS",
+    "DEFAULT_STYLE",
+    "FULL_CAPTIONS",
+    "HELD_OUT",
+    "PARTIAL_CAPTIONS",
+    "SHAPES",
+    "SHIFTED",
+    "SIZES",
+    "SPLITS",
+    "STYLES",
+    "CorpusSpec",
+    "Obj",
+    "Scene",
+    "captions",
+    "image_captions",
+    "image_style",
+    "plan_splits",
+    "render",
+    "render_image",
+    "render_styled",
+    "sample_scene",
+    "write_corpus",
+]
+
 # One held-out shape per colour and one colour per shape (a Latin-square diagonal):
 # these combinations never occur in train, so test measures compositional generalisation.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
@@ -64,85 +108,17 @@ HELD_OUT: frozenset[tuple[str, str]] = frozenset(
 # Probability of a scene having 1, 2 or 3 objects: fewer single-object scenes, whose
 # description space is small (512), so train repeats them less.
 COUNT_WEIGHTS: tuple[float, float, float] = (0.2, 0.4, 0.4)
-
-
-@dataclass(frozen=True)
-class Obj:
-    """One object of a scene."""
-
-    size: str
-    color: str
-    shape: str
-
-    def phrase(self) -> str:
-        """'a small red circle' / 'an orange star'."""
-        words = f"{self.size} {self.color} {self.shape}"
-        return ("an " if words[0] in "aeiou" else "a ") + words
-
-
-@dataclass(frozen=True)
-class Scene:
-    """A scene description: background, arrangement and objects in reading order.
-
-    For a ``row`` the objects go left to right, for a ``column`` top to bottom.
-    """
-
-    background: str
-    arrangement: str
-    objects: tuple[Obj, ...]
-
-    def key(self) -> str:
-        """A canonical string: two scenes with the same key are the same description."""
-        objs = ",".join(f"{o.size} {o.color} {o.shape}" for o in self.objects)
-        arrangement = self.arrangement if len(self.objects) > 1 else "single"
-        return f"{self.background}|{arrangement}|{objs}"
-
-    def combos(self) -> set[tuple[str, str]]:
-        """The colour-shape combinations present."""
-        return {(o.color, o.shape) for o in self.objects}
-
-
-def captions(scene: Scene) -> list[str]:
-    """Four paraphrases of the scene, each naming every attribute and the spatial order."""
-    bg = scene.background
-    objs = [o.phrase() for o in scene.objects]
-    if len(objs) == 1:
-        (a,) = objs
-        return [
-            f"{a} on a {bg} background",
-            f"a {bg} background with {a}",
-            f"a single {a.split(' ', 1)[1]} against {bg}",
-            f"there is {a} on {bg}",
-        ]
-    if len(objs) == 2:
-        a, b = objs
-        if scene.arrangement == "row":
-            return [
-                f"{a} to the left of {b} on a {bg} background",
-                f"{b} to the right of {a}, {bg} background",
-                f"on a {bg} background, {a} is left of {b}",
-                f"{a} and {b} side by side on {bg}, the {a.split(' ', 1)[1]} on the left",
-            ]
-        return [
-            f"{a} above {b} on a {bg} background",
-            f"{b} below {a}, {bg} background",
-            f"on a {bg} background, {a} is on top of {b}",
-            f"{a} and {b} stacked on {bg}, the {a.split(' ', 1)[1]} at the top",
-        ]
-    a, b, c = objs
-    if scene.arrangement == "row":
-        return [
-            f"from left to right: {a}, {b} and {c} on a {bg} background",
-            f"from right to left: {c}, {b} and {a}, {bg} background",
-            f"{b} between {a} on the left and {c} on the right, on a {bg} background",
-            f"three shapes in a row on {bg}: {a}, then {b}, then {c}",
-        ]
-    return [
-        f"from top to bottom: {a}, {b} and {c} on a {bg} background",
-        f"from bottom to top: {c}, {b} and {a}, {bg} background",
-        f"{b} between {a} above and {c} below, on a {bg} background",
-        f"three shapes in a column on {bg}: {a}, then {b}, then {c}",
-    ]
+SHIFTED = "test-shifted"
+SPLITS: tuple[str, ...] = ("train", "val", "test", SHIFTED)
+STYLES: tuple[str, ...] = ("flat", "varied")
+# Flat until the shapes model and its reranker are retrained on the varied corpus: they
+# were trained on flat, and `make demo`'s figures measure them on it.
+DEFAULT_STYLE = "flat"
+FULL_CAPTIONS = 4  # paraphrases per image naming the whole scene (varied style)
+# Partial captions per image (varied style), in train only: in val and test every
+# caption names its whole scene, so text -> image recall@1 stays well defined (a
+# partial caption is true of many images; the query files measure those).
+PARTIAL_CAPTIONS = 2
 
 
 def sample_scene(rng: random.Random, allow_held_out: bool) -> Scene:
@@ -262,18 +238,71 @@ def render(scene: Scene, rng: random.Random, size: int = 128) -> Image.Image:
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def render_styled(scene: Scene, rng: random.Random, style: styles.Style) -> Image.Image:
+    """Draw the scene in ``style`` (varied corpus): the supersampled RGB image, before
+    ``styles.finish`` downsamples, blurs and encodes it.
+
+    The layout follows ``render``'s (objects in reading order, never overlapping), with
+    the style's scale, rotation and aspect jitter on top.
+    """
+    big = style.size * styles.SUPERSAMPLE
+    img = styles.paint_background(scene.background, style, rng)
+    n = len(scene.objects)
+    slot = big / max(n, 1)
+    across = big / 2 + rng.uniform(-0.12, 0.12) * big
+    for i, obj in enumerate(scene.objects):
+        rot, stretch = styles.object_transform(style, rng)
+        base = 0.30 if obj.size == "large" else 0.17
+        r = big * base / 2 * rng.uniform(0.92, 1.08) * style.scale * (1.0 if n < 3 else 0.95)
+        reach = r * max(stretch, 1 / stretch)  # half the object's widest extent
+        if n > 1:  # a neighbour's slot is out of reach: the order stays unambiguous
+            r *= min(1.0, 0.46 * slot / reach)
+            reach = r * max(stretch, 1 / stretch)
+        room = max(0.0, slot / 2 - reach)
+        along = slot * (i + 0.5) + rng.uniform(-0.8, 0.8) * min(room, 0.08 * slot)
+        jitter = rng.uniform(-0.03, 0.03) * big
+        cx, cy = (
+            (along, across + jitter) if scene.arrangement == "row" else (across + jitter, along)
+        )
+        if n == 1:
+            cx, cy = big / 2 + rng.uniform(-0.2, 0.2) * big, big / 2 + rng.uniform(-0.2, 0.2) * big
+        pts = [
+            (cx + x * stretch, cy + y / stretch)
+            for x, y in _shape_points(obj.shape, 0.0, 0.0, r, rot)
+        ]
+        styles.draw_object(img, pts, obj.color, scene.background, style, rng)
+    return img
+
+
 # ---------------------------------------------------------------------------- splits
 
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """What ``write_corpus`` generates."""
+    """What ``write_corpus`` generates.
+
+    ``style``: "flat" (one RGB value per colour, flat backdrops, ``image_size`` px PNGs;
+    what the shipped shapes model was trained on, byte-identical to before styles
+    existed) or "varied" (randomised styles, see ``styles``, at the families' sizes,
+    PNG or JPEG; synonyms, free paraphrases and partial captions). The default is flat
+    until the retrained models land, then it switches to varied. ``test_shifted_size``
+    images of test-shifted are rendered in the held-out style family with held-out
+    synonyms, in either style (0: no test-shifted split).
+    """
+
+    STYLES: ClassVar[tuple[str, ...]] = STYLES  # the choices, for the CLI
 
     seed: int = 0
     train_size: int = 30_000
     val_size: int = 1_000
     test_size: int = 1_000
     image_size: int = 128
+    style: str = DEFAULT_STYLE
+    test_shifted_size: int = 300
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"unknown corpus style {self.style!r}; expected one of {STYLES}")
 
 
 def _rng(seed: int, *parts: object) -> random.Random:
@@ -284,41 +313,118 @@ def _rng(seed: int, *parts: object) -> random.Random:
 
 
 def plan_splits(spec: CorpusSpec) -> dict[str, list[Scene]]:
-    """Choose every split's scenes (no rendering)."""
+    """Choose every split's scenes (no rendering).
+
+    test, val and test-shifted hold pairwise distinct descriptions over all colour-shape
+    combinations (held-out ones included), none of them in train. In the varied style
+    test-shifted is drawn before train, and train avoids it; in the flat style train is
+    drawn as it always was (so the shipped models' training corpus is unchanged) and
+    test-shifted avoids train instead, which leaves it few one-object scenes when train
+    is large (their description space is small).
+    """
     rng = _rng(spec.seed, "plan")
     taken: set[str] = set()
 
-    def distinct(count: int) -> list[Scene]:
+    def distinct(count: int, stream: random.Random) -> list[Scene]:
         out = []
         while len(out) < count:
-            scene = sample_scene(rng, allow_held_out=True)
+            scene = sample_scene(stream, allow_held_out=True)
             if scene.key() not in taken:
                 taken.add(scene.key())
                 out.append(scene)
         return out
 
-    test = distinct(spec.test_size)
-    val = distinct(spec.val_size)
+    test = distinct(spec.test_size, rng)
+    val = distinct(spec.val_size, rng)
+    shifted_rng = _rng(spec.seed, "plan", SHIFTED)  # its own stream: the others stay put
+    shifted = distinct(spec.test_shifted_size, shifted_rng) if spec.style != "flat" else []
     train = []
     while len(train) < spec.train_size:
         scene = sample_scene(rng, allow_held_out=False)
         if scene.key() not in taken:  # val/test descriptions never appear in train
             train.append(scene)
-    return {"train": train, "val": val, "test": test}
+    if spec.style == "flat":
+        taken.update(s.key() for s in train)
+        shifted = distinct(spec.test_shifted_size, shifted_rng)
+    plan = {"train": train, "val": val, "test": test}
+    if spec.test_shifted_size:
+        plan[SHIFTED] = shifted
+    return plan
+
+
+def _flat(spec: CorpusSpec, split: str) -> bool:
+    return spec.style == "flat" and split != SHIFTED
+
+
+def image_style(spec: CorpusSpec, split: str, index: int) -> styles.Style | None:
+    """The style image ``index`` of ``split`` is rendered in (None: the flat renderer).
+
+    Drawn from its own stream, independent of the scene: a twin scene rendered at the
+    same index gets the same style.
+    """
+    if _flat(spec, split):
+        return None
+    rng = _rng(spec.seed, split, index, "style")
+    family = styles.HELD_OUT_FAMILY if split == SHIFTED else rng.choice(styles.TRAIN_FAMILIES)
+    return styles.sample_style(family, rng)
+
+
+def _encode(spec: CorpusSpec, split: str, index: int, scene: Scene) -> tuple[bytes, str]:
+    """Image ``index`` of ``split`` as the file's bytes and extension."""
+    style = image_style(spec, split, index)
+    rng = _rng(spec.seed, split, index)
+    if style is None:
+        buf = io.BytesIO()
+        render(scene, rng, spec.image_size).save(buf, format="PNG", optimize=False)
+        return buf.getvalue(), "png"
+    return styles.finish(render_styled(scene, rng, style), style), style.ext
 
 
 def render_image(spec: CorpusSpec, split: str, index: int, scene: Scene) -> Image.Image:
     """Image ``index`` of ``split`` as the corpus draws it (its own random stream).
 
-    Drawing another scene of the same object count here gives the same layout.
+    Drawing another scene of the same object count here gives the same layout (and,
+    in the varied style, the same style, JPEG artefacts included).
     """
-    return render(scene, _rng(spec.seed, split, index), spec.image_size)
+    if _flat(spec, split):
+        return render(scene, _rng(spec.seed, split, index), spec.image_size)
+    data, _ = _encode(spec, split, index, scene)
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
 
 
-def _render_png(args: tuple[CorpusSpec, str, int, Scene]) -> bytes:
-    buf = io.BytesIO()
-    render_image(*args).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+def image_captions(spec: CorpusSpec, split: str, index: int, scene: Scene) -> list[str]:
+    """The captions the corpus writes for image ``index`` of ``split``.
+
+    Flat style: ``captions(scene)``. Varied: ``FULL_CAPTIONS`` distinct free paraphrases
+    naming the whole scene, plus in train ``PARTIAL_CAPTIONS`` true partial ones.
+    test-shifted (either style): full paraphrases, each with a held-out synonym.
+    """
+    if _flat(spec, split):
+        return captions(scene)
+    rng = _rng(spec.seed, split, index, "captions")
+    held_out = split == SHIFTED
+    full = full_claim(scene)
+    out: list[str] = []
+    for _ in range(8 * FULL_CAPTIONS):  # distinct texts; a one-object scene has fewer
+        text = describe(scene, rng, full, held_out)
+        if text not in out:
+            out.append(text)
+        if len(out) == FULL_CAPTIONS:
+            break
+    if split == "train":
+        wanted = len(out) + PARTIAL_CAPTIONS
+        for _ in range(8 * PARTIAL_CAPTIONS):
+            text = describe(scene, rng, partial_claim(scene, rng))
+            if text not in out:
+                out.append(text)
+            if len(out) == wanted:
+                break
+    return out
+
+
+def _render_file(args: tuple[CorpusSpec, str, int, Scene]) -> tuple[bytes, str]:
+    return _encode(*args)
 
 
 def _jobs(spec: CorpusSpec, split: str, scenes: list[Scene]) -> Iterator[tuple]:
@@ -335,23 +441,33 @@ def write_corpus(
     out = Path(out)
     plan = plan_splits(spec)
     counts: dict[str, int] = {}
+    formats: set[str] = set()
+    sizes: set[int] = set()
+    families: dict[str, list[str]] = {}
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         for split, scenes in plan.items():
             img_dir = out / "images" / split
             img_dir.mkdir(parents=True, exist_ok=True)
             jobs = list(_jobs(spec, split, scenes))
-            pngs = pool.map(_render_png, jobs, chunksize=64) if pool else map(_render_png, jobs)
+            files = pool.map(_render_file, jobs, chunksize=64) if pool else map(_render_file, jobs)
             lines = []
+            used: set[str] = set()
             bar = tqdm(total=len(jobs), desc=f"{split:5s}", unit="img", disable=not progress)
-            for i, (scene, png) in enumerate(zip(scenes, pngs, strict=True)):
-                rel = f"images/{split}/{split}_{i:06d}.png"
-                (out / rel).write_bytes(png)
-                lines += [json.dumps({"image": rel, "caption": c}) for c in captions(scene)]
+            for i, (scene, (data, ext)) in enumerate(zip(scenes, files, strict=True)):
+                rel = f"images/{split}/{split}_{i:06d}.{ext}"
+                (out / rel).write_bytes(data)
+                caps = image_captions(spec, split, i, scene)
+                lines += [json.dumps({"image": rel, "caption": c}) for c in caps]
+                style = image_style(spec, split, i)
+                formats.add(ext)
+                sizes.add(style.size if style else spec.image_size)
+                used.add(style.family if style else "flat")
                 bar.update()
             bar.close()
             (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
             counts[split] = len(scenes)
+            families[split] = sorted(used)
     finally:
         if pool:
             pool.shutdown()
@@ -366,6 +482,15 @@ def write_corpus(
         "sizes": list(SIZES),
         "backgrounds": list(BACKGROUNDS),
         "held_out_combinations": sorted(f"{c} {s}" for c, s in HELD_OUT),
+        "image_formats": sorted(formats),
+        "image_sizes": sorted(sizes),
+        "style_families": families,
+        "held_out_family": styles.HELD_OUT_FAMILY,
+        "synonyms": SYNONYMS,
+        "held_out_synonyms": HELD_OUT_SYNONYMS,
     }
     (out / "corpus.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    from .queries import write_queries  # here: queries.py imports this module
+
+    write_queries(out, plan, spec.seed)
     return counts

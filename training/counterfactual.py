@@ -9,7 +9,13 @@ round) leaves it no shortcut: the two captions hold the same words and the two
 pictures the same colours and shapes, so only binding words to objects separates them.
 
 Only images of a generated demo corpus have twins: the corpus's ``corpus.json``
-next to the pairs file gives the seed from which each image's scene is re-planned.
+next to the pairs file gives the seed from which each image's scene is re-planned
+(``demo_images`` finds the scene of flat and varied images alike, for
+``scene_difference`` and the symmetric-scene check). Twin *captions* exist only for the
+flat style: a twin caption is the same fixed template (``template_of``) filled in with
+the twin's words. A varied corpus's captions are free paraphrases and partial ones,
+which have no such counterpart, so ``held_out_keys`` (what ``counterfactual_set`` asks
+first) refuses a varied corpus with a ``DataError`` that says to train without twins.
 """
 
 from __future__ import annotations
@@ -21,10 +27,14 @@ import re
 from pathlib import Path
 
 from PIL import Image
+from xmodal.crossmodal.errors import DataError
 
-from .corpus import HELD_OUT, CorpusSpec, Scene, captions, plan_splits, render_image
+from .corpus import HELD_OUT, SHIFTED, CorpusSpec, Scene, captions, plan_splits, render_image
 
-_NAME = re.compile(r"^(train|val|test)_(\d+)\.png$")
+_NAME = re.compile(r"^(train|val|test|test-shifted)_(\d+)\.(png|jpg)$")
+# What a corpus.json written before a spec field existed implies: the flat style (the
+# only one then) and no test-shifted split.
+_SPEC_BEFORE = {"style": "flat", "test_shifted_size": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +59,7 @@ def demo_images(pairs_file: Path, images: list[Path]) -> list[DemoImage | None]:
     doc = json.loads(meta.read_text(encoding="utf-8"))
     if doc.get("generator") != "crossmodal.corpus":
         return [None] * len(images)
-    spec = CorpusSpec(**doc["spec"])
+    spec = CorpusSpec(**{**_SPEC_BEFORE, **doc["spec"]})
     plan = plan_splits(spec)
     out: list[DemoImage | None] = []
     for path in images:
@@ -110,9 +120,19 @@ def twin_scene(
 
 
 def held_out_keys(spec: CorpusSpec) -> frozenset[str]:
-    """Keys of the corpus's val and test scenes, which no training scene may have."""
+    """Keys of the corpus's val, test and test-shifted scenes, which no twin may have.
+
+    DataError for a corpus whose style is not flat: its captions have no twin captions
+    (see the module's docstring).
+    """
+    if spec.style != "flat":
+        raise DataError(
+            f"counterfactual twins need a flat-style demo corpus (their captions are its "
+            f"fixed templates); this one is {spec.style!r} (seed {spec.seed}): train the "
+            "reranker with --no-counterfactual"
+        )
     plan = plan_splits(spec)
-    return frozenset(s.key() for split in ("val", "test") for s in plan.get(split, []))
+    return frozenset(s.key() for split in ("val", "test", SHIFTED) for s in plan.get(split, []))
 
 
 def symmetric(scene: Scene) -> bool:
