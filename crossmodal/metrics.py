@@ -11,9 +11,10 @@ instead of whatever an argsort happens to do; captions of the same image never
 count against each other.
 
 Query sets (a text query, several relevant images; binary relevance, as TREC's
-``trec_eval`` computes them): average precision, precision at k, R-precision and
-nDCG@k, each from one query's relevance in rank order (``ranked_relevance``, which
-breaks ties against the query too), macro-averaged by ``query_set_metrics``. Relevant
+``trec_eval`` computes them): average precision (over the whole ranking, and over the
+top ``AP_K`` as a search engine shows them), precision at k, R-precision and nDCG@k,
+each from one query's relevance in rank order (``ranked_relevance``, which breaks ties
+against the query too), macro-averaged by ``query_set_metrics``. Relevant
 images that are not ranked at all (an image that failed to load) still count in
 ``n_relevant``: they are relevant images the ranking never found.
 """
@@ -26,6 +27,9 @@ from typing import Any
 import numpy as np
 
 KS: tuple[int, ...] = (1, 5, 10)
+# AP is truncated here for mAP@100: what a search engine shows (a page, a few scrolls),
+# not where the 300th of 300 relevant images lands.
+AP_K = 100
 
 
 def text_to_image_ranks(scores: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
@@ -132,6 +136,23 @@ def average_precision(ranked: np.ndarray, n_relevant: int | None = None) -> floa
     return float((hits[ranked] / positions).sum() / total)
 
 
+def ap_at_k(ranked: np.ndarray, k: int = AP_K, n_relevant: int | None = None) -> float:
+    """AP@k of one query: the precision at the rank of each relevant item found in the
+    top ``k``, summed and divided by min(``n_relevant``, k), so a ranking whose top k
+    are all relevant (or that holds every relevant item first) scores 1.0.
+
+    E.g. ``[0, 1, 1, 0, 1]`` with k = 3: (1/2 + 2/3) / min(3, 3) = 0.389.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    ranked = np.asarray(ranked, dtype=bool)
+    total = _relevant_count(ranked, n_relevant)
+    top = ranked[:k]
+    hits = np.cumsum(top)
+    positions = np.flatnonzero(top) + 1  # 1-based ranks of the relevant items in the top k
+    return float((hits[top] / positions).sum() / min(total, k))
+
+
 def precision_at_k(ranked: np.ndarray, k: int) -> float:
     """Relevant items in the top ``k``, divided by ``k`` (also when fewer than ``k``
     candidates are ranked: the standard definition, so a short list cannot score 1
@@ -163,10 +184,14 @@ def ndcg_at_k(ranked: np.ndarray, k: int, n_relevant: int | None = None) -> floa
     return dcg / ideal
 
 
-def query_metrics(ranked: np.ndarray, n_relevant: int | None = None, k: int = 10) -> dict:
-    """One query's {'AP', 'P@k', 'R-precision', 'nDCG@k'} (k in the key names)."""
+def query_metrics(
+    ranked: np.ndarray, n_relevant: int | None = None, k: int = 10, ap_k: int = AP_K
+) -> dict:
+    """One query's {'AP', 'AP@ap_k', 'P@k', 'R-precision', 'nDCG@k'} (k and ap_k in the
+    key names)."""
     return {
         "AP": average_precision(ranked, n_relevant),
+        f"AP@{ap_k}": ap_at_k(ranked, ap_k, n_relevant),
         f"P@{k}": precision_at_k(ranked, k),
         "R-precision": r_precision(ranked, n_relevant),
         f"nDCG@{k}": ndcg_at_k(ranked, k, n_relevant),
@@ -178,9 +203,10 @@ def query_set_metrics(
     relevant: np.ndarray,
     n_relevant: Iterable[int] | None = None,
     k: int = 10,
+    ap_k: int = AP_K,
 ) -> dict[str, Any]:
-    """Macro averages over queries ({'mAP', 'P@k', 'R-precision', 'nDCG@k'}) and each
-    query's own figures ('per_query', with 'AP' where the mean says 'mAP').
+    """Macro averages over queries ({'mAP', 'mAP@ap_k', 'P@k', 'R-precision', 'nDCG@k'})
+    and each query's own figures ('per_query', with 'AP...' where the mean says 'mAP...').
 
     ``scores`` and ``relevant`` (bool) are [queries, candidates]; ``n_relevant[q]``
     counts query q's relevant items including any not among the candidates (default:
@@ -192,11 +218,17 @@ def query_set_metrics(
         raise ValueError(f"scores {scores.shape}, relevant {relevant.shape}: want one [Q, N] each")
     totals = relevant.sum(axis=1) if n_relevant is None else np.asarray(list(n_relevant))
     per_query = [
-        query_metrics(ranked_relevance(s, r), int(n), k)
+        query_metrics(ranked_relevance(s, r), int(n), k, ap_k)
         for s, r, n in zip(scores, relevant, totals, strict=True)
     ]
-    means = {
-        ("mAP" if key == "AP" else key): float(np.mean([q[key] for q in per_query]))
+    return {**mean_metrics(per_query), "per_query": per_query}
+
+
+def mean_metrics(per_query: list[dict[str, float]]) -> dict[str, float]:
+    """Macro averages of ``query_metrics`` results: 'AP...' keys become 'mAP...'."""
+    if not per_query:
+        raise ValueError("no queries to average")
+    return {
+        ("m" + key if key.startswith("AP") else key): float(np.mean([q[key] for q in per_query]))
         for key in per_query[0]
     }
-    return {**means, "per_query": per_query}

@@ -6,21 +6,24 @@ images, image-to-text counts a hit when any of the image's captions is in the to
 counted and reported, and their captions are left out of both directions.
 
 With a query set (``xmodal eval --queries FILE``: JSONL lines ``{"query": text,
-"relevant": [image paths]}``, paths as in the pairs file, relative to the queries file's
-folder) each query ranks all the pairs file's images by cosine with its text embedding,
-and mAP, P@10, R-precision and nDCG@10 are macro-averaged over the queries (binary
-relevance; ``crossmodal.metrics``). A relevant image that fails to load stays relevant
-and counts as never found. Query sets are ranked by the dual encoder only.
+"relevant": [image paths], "kind": optional label}``, paths as in the pairs file,
+relative to the queries file's folder) each query ranks all the pairs file's images by
+cosine with its text embedding, and mAP@100, P@10, nDCG@10, R-precision and mAP (whole
+ranking) are macro-averaged over the queries (binary relevance; ``crossmodal.metrics``),
+overall and per ``kind`` ("by_kind"). A relevant image that fails to load stays
+relevant and counts as never found.
 
 Recall after reranking (``xmodal eval --rerank``) needs the reranker's training code
-(features, compositional swaps), so it lives in ``xmodal.training.evaluate``.
+(features, compositional swaps), so it lives in ``xmodal.training.evaluate``; query sets
+ranked as the search engine reranks them, in ``xmodal.training.query_eval``, which
+builds its result from ``query_block`` and prints it with ``format_queries``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +74,21 @@ def report_head(
 
 
 QUERY_K = 10  # P@10 and nDCG@10, the usual cut-offs
+NO_KIND = "other"  # the by_kind group of queries that name no kind
+# The figures of a query block, in the order the table prints them.
+QUERY_FIGURES = (f"mAP@{metrics.AP_K}", f"P@{QUERY_K}", f"nDCG@{QUERY_K}", "R-precision", "mAP")
+KIND_FIGURES = QUERY_FIGURES[:3]  # the by-kind table's columns
 
 
 @dataclass
 class QuerySet:
     """Text queries and, for each, the indices (into a pair set's images) of its
-    relevant images."""
+    relevant images, and its kind (None where the line names none)."""
 
     source: Path
     texts: list[str]
     relevant: list[list[int]]
+    kinds: list[str | None] = field(default_factory=list)
 
 
 def _query_problem(row: Any) -> str | None:
@@ -94,6 +102,9 @@ def _query_problem(row: Any) -> str | None:
         return "missing 'relevant' (a non-empty list of image paths)"
     if not all(isinstance(r, str) and r.strip() for r in rel):
         return "'relevant' holds something that is not an image path string"
+    kind = row.get("kind")
+    if kind is not None and (not isinstance(kind, str) or not kind.strip()):
+        return "'kind' is not a non-empty string"
     return None
 
 
@@ -111,6 +122,7 @@ def read_queries(path: str | Path, pairs: PairSet) -> QuerySet:
     index = {image.resolve(): i for i, image in enumerate(pairs.images)}
     texts: list[str] = []
     relevant: list[list[int]] = []
+    kinds: list[str | None] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -138,44 +150,77 @@ def read_queries(path: str | Path, pairs: PairSet) -> QuerySet:
                 found.append(index[image])
         texts.append(" ".join(row["query"].split()))
         relevant.append(found)
+        kinds.append(row["kind"].strip() if row.get("kind") is not None else None)
     if not texts:
         raise DataError(f"{path}: no queries")
-    return QuerySet(source=path, texts=texts, relevant=relevant)
+    return QuerySet(source=path, texts=texts, relevant=relevant, kinds=kinds)
 
 
-def score_queries(
-    encoder: Encoder, queries: QuerySet, image_emb: np.ndarray, kept: list[int]
+def queries_head(queries: QuerySet, kept: list[int]) -> dict[str, Any]:
+    """The keys every ``"queries"`` object starts with."""
+    return {
+        "file": str(queries.source),
+        "count": len(queries.texts),
+        "images": len(kept),
+        "k": QUERY_K,
+        "ap_k": metrics.AP_K,
+    }
+
+
+def query_block(
+    queries: QuerySet, scores: np.ndarray, kept: list[int], scorer: str
 ) -> dict[str, Any]:
-    """The ``"queries"`` object of ``xmodal eval --json``: each query ranks the images
-    that loaded (``image_emb`` rows, pair-set indices ``kept``) by cosine similarity.
+    """The figures of one ranking of a query set: ``scores`` [queries, len(kept)] ranks
+    the images that loaded (pair-set indices ``kept``), higher first, ties against the
+    query.
 
-    Macro averages ('mAP', 'P@10', 'R-precision', 'nDCG@10') and 'per_query' (each
-    query's text, its relevant images, how many of them were not ranked because they
-    failed to load, and its AP, P@10, R-precision, nDCG@10).
+    Macro averages (``QUERY_FIGURES``), 'by_kind' (the same per query kind, with each
+    kind's 'count'; present when any query names a kind), 'unranked_relevant' and
+    'per_query' (each query's text, kind, relevant images, how many of them were not
+    ranked because they failed to load, and its own figures).
     """
     column = {image: c for c, image in enumerate(kept)}
     relevant = np.zeros((len(queries.texts), len(kept)), dtype=bool)
     for q, images in enumerate(queries.relevant):
         relevant[q, [column[i] for i in images if i in column]] = True
     n_relevant = [len(images) for images in queries.relevant]
-    scores = encoder.encode_texts(queries.texts) @ image_emb.T
-    result = metrics.query_set_metrics(scores, relevant, n_relevant, QUERY_K)
+    result = metrics.query_set_metrics(scores, relevant, n_relevant, QUERY_K, metrics.AP_K)
+    kinds = queries.kinds or [None] * len(queries.texts)
+    own = result.pop("per_query")  # each query's figures
     per_query = [
-        {"query": text, "relevant": n, "unranked": n - int(row.sum()), **figures}
-        for text, n, row, figures in zip(
-            queries.texts, n_relevant, relevant, result.pop("per_query"), strict=True
+        {
+            "query": text,
+            **({"kind": kind} if kind is not None else {}),
+            "relevant": n,
+            "unranked": n - int(row.sum()),
+            **figures,
+        }
+        for text, kind, n, row, figures in zip(
+            queries.texts, kinds, n_relevant, relevant, own, strict=True
         )
     ]
-    return {
-        "file": str(queries.source),
-        "count": len(queries.texts),
-        "images": len(kept),
-        "k": QUERY_K,
-        "scorer": "dual",
-        **result,
-        "unranked_relevant": sum(q["unranked"] for q in per_query),
-        "per_query": per_query,
-    }
+    block: dict[str, Any] = {"scorer": scorer, **result}
+    if any(kind is not None for kind in kinds):
+        groups: dict[str, list[dict[str, float]]] = {}  # in the file's order of first use
+        for kind, figures in zip(kinds, own, strict=True):
+            groups.setdefault(kind or NO_KIND, []).append(figures)
+        block["by_kind"] = {
+            kind: {"count": len(rows), **metrics.mean_metrics(rows)}
+            for kind, rows in groups.items()
+        }
+    block["unranked_relevant"] = sum(q["unranked"] for q in per_query)
+    block["per_query"] = per_query
+    return block
+
+
+def score_queries(
+    encoder: Encoder, queries: QuerySet, image_emb: np.ndarray, kept: list[int]
+) -> dict[str, Any]:
+    """The ``"queries"`` object of ``xmodal eval --json``: each query ranks the images
+    that loaded (``image_emb`` rows, pair-set indices ``kept``) by cosine similarity
+    (``queries_head`` and a dual-encoder ``query_block``)."""
+    scores = encoder.encode_texts(queries.texts) @ image_emb.T
+    return {**queries_head(queries, kept), **query_block(queries, scores, kept, "dual")}
 
 
 def evaluate_queries(
@@ -223,17 +268,53 @@ def evaluate_pairs(
     }
 
 
+def _fig(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_queries(queries: dict[str, Any]) -> list[str]:
-    """The query-set lines of ``xmodal eval``'s table: a head line, then one per metric."""
-    k = queries["k"]
-    unranked = queries["unranked_relevant"]
+    """The query-set lines of ``xmodal eval``'s table: a head line, one line per figure
+    (dual, and reranked beside it where the object holds both), then one per kind."""
+    # Reranked objects hold the reranked figures on top and the dual ones under "dual",
+    # as the pairs result does.
+    if "dual" in queries:
+        columns = [("dual", queries["dual"]), ("reranked", queries)]
+    else:
+        columns = [(queries.get("scorer", "dual"), queries)]
+    unranked = columns[0][1]["unranked_relevant"]
     lines = [
-        f"queries  {queries['file']}: {queries['count']} queries over {queries['images']} "
-        f"images (dual encoder)"
+        f"queries  {queries['file']}: {queries['count']} queries over {queries['images']} images"
         + (f", {unranked} relevant images failed to load" if unranked else ""),
     ]
-    for key in ("mAP", f"P@{k}", "R-precision", f"nDCG@{k}"):
-        lines.append(f"{key:<16}{queries[key]:>8.3f}")
+    rerank = queries.get("rerank")
+    if rerank:
+        lines.append(
+            f"reranked as search does: the dual top {rerank['k']} re-scored, match logit + "
+            f"{rerank['fusion_weight']:g} x cosine"
+        )
+        medians = rerank.get("median_match")
+        if medians:
+            lines.append(
+                f"median match logit of the top {rerank['k']}: relevant "
+                f"{_fig(medians['relevant'])}, irrelevant {_fig(medians['irrelevant'])}"
+            )
+    lines.append(f"{'':<16}" + "".join(f"{name:>10}" for name, _ in columns))
+    for key in QUERY_FIGURES:
+        lines.append(f"{key:<16}" + "".join(f"{b[key]:>10.3f}" for _, b in columns))
+    kinds = columns[0][1].get("by_kind")
+    if kinds:
+        names = "/".join(name for name, _ in columns)
+        width = max(14, *(len(kind) for kind in kinds)) + 2
+        lines += [
+            "",
+            f"{'by kind':<{width}}{'count':>6}"
+            + "".join(f"{f + ' ' + names:>22}" for f in KIND_FIGURES),
+        ]
+        for kind, first in kinds.items():
+            cells = [
+                "/".join(f"{b['by_kind'][kind][f]:.3f}" for _, b in columns) for f in KIND_FIGURES
+            ]
+            lines.append(f"{kind:<{width}}{first['count']:>6}" + "".join(f"{c:>22}" for c in cells))
     return lines
 
 

@@ -1,5 +1,6 @@
-"""Query-set metrics (AP, P@k, R-precision, nDCG@k) on hand-worked rankings, checked
-against scikit-learn's, and ``xmodal eval --queries`` end to end with the tiny model."""
+"""Query-set metrics (AP, AP@100, P@k, R-precision, nDCG@k) on hand-worked rankings,
+checked against scikit-learn's, and ``xmodal eval --queries`` end to end with the tiny
+model (kinds included)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from sklearn.metrics import average_precision_score, ndcg_score
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.images import decode_image
 from xmodal.crossmodal.metrics import (
+    AP_K,
+    ap_at_k,
     average_precision,
     ndcg_at_k,
     precision_at_k,
@@ -40,6 +43,36 @@ def test_average_precision_by_hand() -> None:
     assert average_precision([0, 1, 0, 0, 1], n_relevant=3) == pytest.approx(0.3)
     # One relevant item last of four.
     assert average_precision([0, 0, 0, 1]) == pytest.approx(0.25)
+
+
+def test_ap_at_k_by_hand() -> None:
+    assert AP_K == 100
+    # Every relevant item within the cut-off: AP@k is AP.
+    assert ap_at_k([1, 0, 1, 0]) == pytest.approx(5 / 6)
+    # Relevant at ranks 2, 3 and 5, cut at 3: (1/2 + 2/3) / min(3, 3).
+    assert ap_at_k([0, 1, 1, 0, 1], k=3) == pytest.approx(7 / 18)
+    # More relevant items than k: the top k all relevant is perfect (divided by k, not R).
+    assert ap_at_k([1, 1, 0, 1], k=2) == pytest.approx(1.0)
+    assert ap_at_k([1, 0, 0], k=2, n_relevant=3) == pytest.approx(0.5)  # 1 / min(3, 2)
+    # A relevant item past the cut-off counts for nothing.
+    assert ap_at_k([0, 0, 1], k=2) == 0.0
+    # 150 relevant of 300 at every even rank: 50 in the top 100, each at precision 1/2,
+    # divided by min(150, 100): 0.25 (full AP would be 0.5).
+    alternating = np.arange(300) % 2 == 1
+    assert ap_at_k(alternating) == pytest.approx(0.25)
+    assert average_precision(alternating) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="without relevant"):
+        ap_at_k([0, 0])
+    with pytest.raises(ValueError, match="at least 1"):
+        ap_at_k([1], k=0)
+
+
+def test_ap_at_k_with_ties_counts_them_against_the_query() -> None:
+    # Relevant image 0 ties with two irrelevant ones at the top: it lands third.
+    ranked = ranked_relevance([0.9, 0.9, 0.9, 0.1], [True, False, False, True])
+    assert ranked.tolist() == [False, False, True, True]
+    assert ap_at_k(ranked, k=3) == pytest.approx((1 / 3) / 2)  # the second is past k
+    assert ap_at_k(ranked) == pytest.approx((1 / 3 + 2 / 4) / 2)
 
 
 def test_precision_at_k_divides_by_k() -> None:
@@ -112,6 +145,10 @@ def test_query_set_metrics_macro_average() -> None:
     result = query_set_metrics(scores, relevant, k=10)
     assert [q["AP"] for q in result["per_query"]] == pytest.approx([5 / 6, 0.25])
     assert result["mAP"] == pytest.approx((5 / 6 + 0.25) / 2)
+    assert result["mAP@100"] == result["mAP"]  # four candidates: the cut-off changes nothing
+    assert query_set_metrics(scores, relevant, ap_k=2)["mAP@2"] == pytest.approx(
+        (1 / 2 + 0) / 2  # query 0: rank 1 of min(2, 2); query 1: its image is 4th
+    )
     assert result["P@10"] == pytest.approx((0.2 + 0.1) / 2)
     assert result["R-precision"] == pytest.approx((0.5 + 0.0) / 2)
     ndcg1 = 1 / np.log2(5)  # relevant at rank 4, ideal DCG 1
@@ -130,6 +167,7 @@ def test_agrees_with_scikit_learn_on_random_rankings(seed: int) -> None:
     relevant[rng.integers(n)] = True
     ranked = ranked_relevance(scores, relevant)
     assert average_precision(ranked) == pytest.approx(average_precision_score(relevant, scores))
+    assert ap_at_k(ranked, k=n) == pytest.approx(average_precision(ranked))  # no cut at n
     for k in (1, 3, 10):
         expected = ndcg_score(relevant[None].astype(float), scores[None], k=k)
         assert ndcg_at_k(ranked, k) == pytest.approx(expected)
@@ -197,14 +235,43 @@ def test_eval_queries_json_matches_a_recomputation(
     assert [p["AP"] for p in q["per_query"]] == pytest.approx(aps, abs=1e-4)
     assert q["mAP"] == pytest.approx(np.mean(aps), abs=1e-4)
     assert q["nDCG@10"] == pytest.approx(np.mean(ndcgs), abs=1e-4)
-    for key in ("mAP", "P@10", "R-precision", "nDCG@10"):
+    assert q["ap_k"] == 100 and q["mAP@100"] == pytest.approx(q["mAP"])  # 24 images < 100
+    assert "by_kind" not in q  # no query names a kind
+    for key in ("mAP@100", "mAP", "P@10", "R-precision", "nDCG@10"):
         assert 0.0 <= q[key] <= 1.0
 
     table = _eval(tiny_checkpoint, pairs_path, queries_path)
     assert table.exit_code == 0, table.output
-    for key in ("mAP", "P@10", "R-precision", "nDCG@10"):
+    for key in ("mAP@100", "mAP", "P@10", "R-precision", "nDCG@10"):
         line = next(ln for ln in table.stdout.splitlines() if ln.startswith(key + " "))
         assert float(line.split()[-1]) == pytest.approx(q[key], abs=1e-3)
+
+
+def test_eval_queries_breaks_the_figures_down_by_kind(
+    tiny_checkpoint: Path, small_corpus: Path, tmp_path: Path
+) -> None:
+    pairs_path = small_corpus / "test.jsonl"
+    queries_path, queries = _queries_file(tmp_path, pairs_path)
+    kinds = ["warm", "cool", "warm", None]  # the last names none: grouped as "other"
+    rows = [dict(q, kind=k) if k else q for q, k in zip(queries, kinds, strict=False)]
+    queries_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = _eval(tiny_checkpoint, pairs_path, queries_path, "--json")
+    assert result.exit_code == 0, result.output
+    q = json.loads(result.stdout)["queries"]
+    per = q["per_query"]
+    assert [p.get("kind") for p in per] == kinds[: len(per)]
+    by = q["by_kind"]
+    assert list(by) == ["warm", "cool", "other"][: len(by)]
+    warm = [p for p in per if p.get("kind") == "warm"]
+    assert by["warm"]["count"] == len(warm) == 2
+    for key in ("mAP@100", "P@10", "nDCG@10", "R-precision", "mAP"):
+        figure = key.replace("mAP", "AP")
+        assert by["warm"][key] == pytest.approx(np.mean([p[figure] for p in warm]))
+    table = _eval(tiny_checkpoint, pairs_path, queries_path)
+    assert table.exit_code == 0, table.output
+    line = next(ln for ln in table.stdout.splitlines() if ln.startswith("warm "))
+    assert line.split()[1] == "2"
+    assert float(line.split()[2]) == pytest.approx(by["warm"]["mAP@100"], abs=1e-3)
 
 
 def _eval(checkpoint: Path, pairs: Path, queries: Path, *extra: str) -> Any:
@@ -248,6 +315,7 @@ def test_relevant_image_not_in_the_pairs_file_is_named(
         ('{"relevant": ["a.png"]}', "missing 'query'"),
         ('{"query": "x", "relevant": []}', "missing 'relevant'"),
         ('{"query": "x", "relevant": [3]}', "not an image path"),
+        ('{"query": "x", "relevant": ["a.png"], "kind": 3}', "'kind' is not"),
     ],
 )
 def test_queries_file_errors_name_file_and_line(

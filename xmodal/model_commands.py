@@ -22,29 +22,45 @@ from xmodal.training.corpus import CorpusSpec
 from .options import FiniteFloat, load_encoder, model_options
 
 
+def _count_option(name: str, field: str, low: int = 1, help: str | None = None) -> Any:
+    """A whole-number option for ``CorpusSpec.field`` from ``low`` up, its default shown."""
+    return click.option(
+        name,
+        field,
+        type=click.IntRange(low),
+        default=getattr(CorpusSpec, field),
+        show_default=True,
+        help=help,
+    )
+
+
 @click.command("demo-corpus")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--seed", type=int, default=CorpusSpec.seed, show_default=True)
-@click.option(
-    "--size",
-    type=click.IntRange(1),
-    default=CorpusSpec.train_size,
-    show_default=True,
-    help="Training images.",
+@_count_option("--size", "train_size", help="Training images.")
+@_count_option("--val-size", "val_size")
+@_count_option("--test-size", "test_size")
+@_count_option(
+    "--test-shifted-size",
+    "test_shifted_size",
+    low=0,
+    help="Images rendered in the held-out style with held-out synonyms (0: none).",
 )
-@click.option("--val-size", type=click.IntRange(1), default=CorpusSpec.val_size, show_default=True)
 @click.option(
-    "--test-size", type=click.IntRange(1), default=CorpusSpec.test_size, show_default=True
+    "--style",
+    type=click.Choice(CorpusSpec.STYLES),
+    default=CorpusSpec.style,
+    show_default=True,
+    help="flat: the shipped shapes model's rendering; varied: randomised styles, "
+    "synonyms, paraphrases and partial captions.",
 )
 @click.option("--workers", type=click.IntRange(1), default=None, help="Rendering processes.")
-def demo_corpus(
-    out: Path, seed: int, size: int, val_size: int, test_size: int, workers: int | None
-) -> None:
-    """Write the synthetic demo corpus (images + train/val/test JSONL pairs)."""
+def demo_corpus(out: Path, workers: int | None, **fields: Any) -> None:
+    """Write the synthetic demo corpus (images + train/val/test/test-shifted JSONL pairs)."""
     from xmodal.crossmodal.threads import default_threads
     from xmodal.training.corpus import write_corpus
 
-    spec = CorpusSpec(seed=seed, train_size=size, val_size=val_size, test_size=test_size)
+    spec = CorpusSpec(**fields)  # the options are named after its fields
     counts = write_corpus(out, spec, workers=workers or default_threads())
     click.echo(
         f"wrote {out}: "
@@ -221,12 +237,15 @@ def build_photo_model_cmd(out: Path, classes_file: Path | None) -> None:
     type=click.Path(exists=True, dir_okay=False),
     default=None,
     help='Also a query set: JSONL lines {"query": text, "relevant": [image paths as in the '
-    "pairs file]}; each query ranks all the pairs file's images: mAP, P@10, R-precision, "
-    "nDCG@10. Ranked by the dual encoder only, also under --rerank.",
+    'pairs file], "kind": optional label}; each query ranks all the pairs file\'s images: '
+    "mAP@100, P@10, nDCG@10, R-precision, overall and by kind. With --rerank also as "
+    "search reranks them (the dual top --rerank-k re-scored), beside the dual ranking.",
 )
 @model_options
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--rerank", is_flag=True, help="Also rerank the top k with cross-attention.")
+@click.option(
+    "--rerank", is_flag=True, help="Also rerank the top k with cross-attention (pairs and queries)."
+)
 @click.option(
     "--rerank-k", type=click.IntRange(1, MAX_RERANK_K), default=DEFAULT_RERANK_K, show_default=True
 )
@@ -251,10 +270,10 @@ def eval_cmd(
         # The query set first: a bad queries file fails before the long reranking.
         query_result = None
         if queries:
-            from xmodal.search import evaluate
+            from xmodal.training import query_eval
 
-            query_result = evaluate.evaluate_queries(
-                encoder, pairs, queries, batch_size=batch_size, progress=not as_json
+            query_result = query_eval.evaluate_queries_reranked(
+                encoder, pairs, queries, rerank_k, progress=not as_json
             )
         result = evaluate_reranked(encoder, pairs, rerank_k)
         if query_result is not None:
