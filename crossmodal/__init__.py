@@ -74,5 +74,9 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "default_threads": "threads",
         "MAX_THREADS": "threads",
         "THREADS_ENV": "threads",
+        "PASS_SIZE": "threads",
+        "InferenceStreams": "threads",
+        "Passes": "threads",
+        "inference_streams": "threads",
     },
 )

@@ -5,9 +5,11 @@
 2. Walk each root; compare every file with the catalog: unchanged files (same size and
    mtime) cost nothing; changed ones are hashed first when the content may be known
    (a touch, a rename or move, a copy), whose vectors are then reused; the rest are
-   decoded in worker processes and encoded in batches.
-3. Commit every batch to the catalog (rows with their vectors) as it completes, so a
-   killed run loses at most one batch and the next run resumes from there.
+   decoded in worker processes and encoded in batches, each batch in passes on the
+   inference streams (``crossmodal.threads``) while this thread goes on routing files.
+3. Commit every batch to the catalog (rows with their vectors) as it completes, while
+   the next one is encoded, so a killed run loses at most two batches and the next run
+   resumes from there.
 4. Read caption files, collapse duplicates, encode new captions, link them to images.
 5. Sync the FAISS indexes with the catalog and write a new generation (index files
    first, then the manifest that names them).
@@ -34,6 +36,7 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import XmodalError
+from xmodal.crossmodal.threads import InferenceStreams, Passes, inference_streams
 
 from .bundle import (
     BundleError,
@@ -64,7 +67,7 @@ from .catalog import (
     set_catalog_owner,
     utcnow,
 )
-from .decode import Decoded, DecodePool, Job
+from .decode import Decoded, DecodePool, Job, PixelFormat, draft_size
 from .lock import BundleLock, LockHeld
 from .options import IndexOptions
 from .publish import PublishError, publish
@@ -133,6 +136,8 @@ class _RootPass:
     stored_hashes: set[str] = field(default_factory=set)  # of indexed rows, any root
     renamed_from: set[bytes] = field(default_factory=set)  # old paths a rename reused
     pending: list[tuple[Entry, Decoded]] = field(default_factory=list)  # awaiting a batch
+    # The batch being encoded on the streams, committed when the next one is submitted.
+    in_flight: tuple[list[tuple[Entry, Decoded]], Passes] | None = None
     bar: Any = None  # the progress bar while decoding
 
 
@@ -146,6 +151,9 @@ class Indexer:
         self.report = RunReport()
         self.manifest: Manifest | None = None
         self.budget: TokenBudget | None = None  # set when token features are cached
+        # The model's preprocessing split at uint8 pixels (None: the workers run it whole).
+        self.pixel_format = PixelFormat.from_preprocess(encoder.preprocess)
+        self.streams: InferenceStreams | None = None  # while images are encoded
 
     # ------------------------------------------------------------------ setup
 
@@ -491,23 +499,27 @@ class Indexer:
         if total == 0:
             return
         work.stored_hashes = self._stored_hashes()
-        h, w = self.encoder.image_size
         pool = DecodePool(
             self.opts.workers,
-            self.encoder.preprocess,  # only the transform travels to the workers
-            draft=(w, h),
+            # Only the pixel format (or the transform) travels to the workers.
+            self.pixel_format or self.encoder.preprocess,
+            draft=draft_size(self.encoder.image_size),
             timeout_s=self.opts.timeout_s,
         )
         work.bar = tqdm(
             total=total, desc="images", unit="img", disable=not self.opts.progress, smoothing=0.1
         )
-        with pool:
-            retry: list[Job] = []
-            for d in pool.run(work.hash_jobs):
-                self._handle(work, d, retry)
-            for d in pool.run(work.full_jobs + retry):
-                self._handle(work, d, [])
-            self._encode_pending(work)
+        with pool, inference_streams() as self.streams:
+            try:
+                retry: list[Job] = []
+                for d in pool.run(work.hash_jobs):
+                    self._handle(work, d, retry)
+                for d in pool.run(work.full_jobs + retry):
+                    self._handle(work, d, [])
+                self._encode_pending(work)
+                self._commit_in_flight(work)
+            finally:
+                self.streams = None
         work.bar.close()
         if pool.killed:
             self.report.counts["workers_replaced"] += pool.killed
@@ -630,25 +642,50 @@ class Indexer:
         return True
 
     def _encode_pending(self, work: _RootPass) -> None:
-        """Encode the decoded files waiting in ``work.pending`` as one batch and commit
-        their rows (with vectors, and token features when they are cached) together."""
-        pending = work.pending
-        if not pending:
-            return
-        pixels = torch.from_numpy(np.stack([d.pixels for _, d in pending]))
-        tokens: list[np.ndarray | None] = [None] * len(pending)
-        visual: list[bytes | None] = [None] * len(pending)
+        """Submit the decoded files waiting in ``work.pending`` to the streams as one batch,
+        then commit the batch encoded before it: the catalog writes overlap inference."""
+        assert self.streams is not None
+        batch, work.pending = work.pending, []
+        submitted = None
+        if batch:
+            submitted = (batch, self.streams.submit(self._encode_pass, [d for _, d in batch]))
+        self._commit_in_flight(work)
+        work.in_flight = submitted
+
+    def _encode_pass(
+        self, decoded: list[Decoded]
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One pass on a stream: pixels -> (joint vectors, token features or None, visual
+        vectors or None). Runs off the main thread; touches no catalog."""
+        arrays = [d.pixels for d in decoded]
+        if self.pixel_format is not None:
+            pixels = self.pixel_format.to_tensor(arrays)
+        else:
+            pixels = torch.from_numpy(np.stack(arrays))
+        tokens = visual = None
         if self.budget is not None:
             vectors, toks = self.encoder.image_tokens(pixels)
-            tokens = list(toks.half().numpy())
+            tokens = toks.half().numpy()
             if self.encoder.visual_dim:  # a second pass; no built-in model has both
-                visual = [_vector_bytes(u) for u in self.encoder.encode_image_spaces(pixels)[1]]
+                visual = self.encoder.encode_image_spaces(pixels)[1]
         else:
-            vectors, second = self.encoder.encode_image_spaces(pixels)
-            if second is not None:
-                visual = [_vector_bytes(u) for u in second]
+            vectors, visual = self.encoder.encode_image_spaces(pixels)
+        return vectors, tokens, visual
+
+    def _commit_in_flight(self, work: _RootPass) -> None:
+        """Wait for the batch on the streams, if any, and commit its rows (with vectors,
+        and token features when they are cached) together."""
+        if work.in_flight is None:
+            return
+        batch, passes = work.in_flight
+        work.in_flight = None
+        vectors, tokens, visual = passes.result()
+        n = len(batch)
+        token_rows = list(tokens) if tokens is not None else [None] * n
+        visual_rows = [_vector_bytes(u) for u in visual] if visual is not None else [None] * n
         with Session(self.engine) as s, s.begin():
-            for (e, d), v, t, u in zip(pending, vectors, tokens, visual, strict=True):
+            for (e, d), v, t, u in zip(batch, vectors, token_rows, visual_rows, strict=True):
+                d.pixels = None  # encoded: the catalog holds what is kept
                 self._upsert(
                     s,
                     work.root_id,
@@ -660,8 +697,7 @@ class Indexer:
                     tokens=t,
                     visual=u,
                 )
-        self.report.counts[INDEXED] += len(pending)
-        pending.clear()
+        self.report.counts[INDEXED] += n
 
     # ------------------------------------------------------------------ run
 
