@@ -1,23 +1,37 @@
-"""Indexing throughput on 1,000 generated 1920x1080 JPEGs, three ways side by side:
+"""Indexing throughput on 1,000 generated 1920x1080 JPEGs, four ways side by side:
 
-(a) the model alone on already-decoded, preprocessed tensors (the ceiling),
+(a) the model alone on already-decoded, preprocessed tensors (the ceiling): one batch of
+    64 on every thread, and passes of 16 on the inference streams the indexer uses; the
+    faster of the two counts,
 (b) a naive loop that opens, preprocesses and encodes one image at a time,
-(c) `xmodal index` (decode workers overlapped with batched inference) into a new bundle,
-(d) the decode workers alone (read, hash, decode, preprocess; no model).
+(c) the real `xmodal index` command, run as a subprocess into a new bundle as a user
+    runs it: images/s over the run's own seconds (its report: scan, decode workers,
+    encoding, catalog, publication) and over the whole command (interpreter start-up and
+    model load included),
+(d) the decode workers alone (read, hash, decode, resize to the model's input; no model).
 
 (a) and (d) give the machine's bound for (c): decoding and inference share the same
 cores, so at best 1 / (1/a + 1/d) images/s when each alone already uses every core.
 
-For the built-in default model and the ViT-B-32 architecture (random weights: same
-cost). Usage: .venv/bin/python bench/index_throughput.py [--n 1000] [--workers N]
+Models: the built-in photo model (the default) and shapes model; ``--vit`` adds the
+ViT-B-32 architecture with random weights (same cost as trained ones; slow). The machine
+may be shared: the load average is recorded before and after each model.
+
+Usage: .venv/bin/python bench/index_throughput.py [--n 1000] [--models xmodal-photo,...]
+       [--workers N] [--threads N] [--vit]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
+import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,16 +40,26 @@ import numpy as np
 import torch
 from PIL import Image
 from xmodal.crossmodal.encoder import Encoder
-from xmodal.crossmodal.threads import configure_threads, default_threads, thread_settings
-from xmodal.indexer.decode import DecodePool, Job
-from xmodal.indexer.pipeline import IndexOptions, run_index
+from xmodal.crossmodal.threads import (
+    PASS_SIZE,
+    configure_threads,
+    default_threads,
+    inference_streams,
+    thread_settings,
+)
+from xmodal.indexer.decode import DecodePool, Job, PixelFormat, draft_size
+from xmodal.search.rerank import reranker_folder
 from xmodal.training.corpus import CorpusSpec, plan_splits, render
 
 CACHE = Path(tempfile.gettempdir()) / "xmodal-bench-1080p"
+BATCH = 64  # the indexer's default batch size
+MODEL_IMAGES = 256  # (a): preprocessed once, encoded in batches
+NAIVE_IMAGES = {"default": 200, "ViT-B-32": 64}  # (b): bounded, it is slow
 
 
 def make_photos(n: int) -> list[Path]:
-    """n distinct 1920x1080 JPEGs (demo scenes, upscaled, with noise), cached across runs."""
+    """n distinct 1920x1080 JPEGs (demo scenes, upscaled, with noise), cached across runs,
+    in a folder of exactly n (hard links), which `xmodal index` gets whole."""
     CACHE.mkdir(exist_ok=True)
     scenes = plan_splits(CorpusSpec(seed=5, train_size=0, val_size=0, test_size=n))["test"]
     rng = np.random.default_rng(0)
@@ -43,23 +67,44 @@ def make_photos(n: int) -> list[Path]:
     for i, scene in enumerate(scenes):
         path = CACHE / f"photo_{i:05d}.jpg"
         if not path.exists():
-            import random
-
             img = render(scene, random.Random(i), 270).resize((1920, 1080), Image.BICUBIC)
             arr = np.asarray(img, np.int16) + rng.integers(-12, 12, (1080, 1920, 3))
             Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
         paths.append(path)
-    return paths
+    folder = CACHE / f"set-{n}"
+    folder.mkdir(exist_ok=True)
+    linked = []
+    for path in paths:
+        if not (folder / path.name).exists():
+            os.link(path, folder / path.name)
+        linked.append(folder / path.name)
+    return linked
 
 
-def model_alone(enc: Encoder, paths: list[Path], batch: int) -> float:
-    """(a) images/s of the model on preprocessed tensors."""
+def _encode_fn(enc: Encoder, tokens: bool):
+    """What the indexer computes per image: token features too when it caches them."""
+    if tokens:
+        return lambda x: enc.image_tokens(x)
+    return lambda x: enc.encode_image_spaces(x)
+
+
+def model_alone(enc: Encoder, paths: list[Path], tokens: bool) -> dict[str, float]:
+    """(a) images/s of the model on preprocessed tensors: one batch on every thread, and
+    passes on the inference streams."""
     x = torch.stack([enc.preprocess_image(Image.open(p)) for p in paths])
-    enc.encode_image_tensors(x[:batch])
+    fn = _encode_fn(enc, tokens)
+    fn(x[:BATCH])
     t0 = time.perf_counter()
-    for i in range(0, len(x), batch):
-        enc.encode_image_tensors(x[i : i + batch])
-    return len(x) / (time.perf_counter() - t0)
+    for i in range(0, len(x), BATCH):
+        fn(x[i : i + BATCH])
+    batch = len(x) / (time.perf_counter() - t0)
+    with inference_streams() as streams:
+        streams.submit(lambda part: (fn(part)[0],), x[:BATCH]).result()  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(x), BATCH):
+            streams.submit(lambda part: (fn(part)[0],), x[i : i + BATCH]).result()
+        passes = len(x) / (time.perf_counter() - t0)
+    return {"batch": batch, "streams": passes}
 
 
 def naive(enc: Encoder, paths: list[Path]) -> float:
@@ -71,33 +116,34 @@ def naive(enc: Encoder, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def pipeline(enc: Encoder, paths: list[Path], batch: int, workers: int) -> float:
-    """(c) images/s of a whole `xmodal index` run (worker start-up included)."""
-    bundle = Path(tempfile.mkdtemp(prefix="xmodal-bench-bundle-"))
+def cli_index(model: list[str], folder: Path, n: int, workers: int, threads: int | None) -> dict:
+    """(c) `xmodal index FOLDER --bundle NEW` as a subprocess; images/s of the run (its
+    report's seconds) and of the whole command."""
+    bundle = Path(tempfile.mkdtemp(prefix="xmodal-bench-bundle-")) / "bundle"
+    xmodal = Path(sys.executable).with_name("xmodal")
+    cmd = [str(xmodal)] + (["--threads", str(threads)] if threads else [])
+    cmd += ["index", str(folder), "--bundle", str(bundle), *model]
+    cmd += ["--workers", str(workers), "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
         t0 = time.perf_counter()
-        report = run_index(
-            enc,
-            IndexOptions(
-                bundle=bundle,
-                roots=[paths[0].parent],
-                batch_size=batch,
-                workers=workers,
-                progress=False,
-            ),
-        )
-        seconds = time.perf_counter() - t0
-        assert report.counts["indexed"] == len(paths), report.counts
-        return len(paths) / seconds
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr[-2000:]}")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert report["counts"]["indexed"] == n, report["counts"]
+        return {"run": n / report["seconds"], "command": n / wall, "seconds": report["seconds"]}
     finally:
-        shutil.rmtree(bundle)
+        shutil.rmtree(bundle.parent)
 
 
 def decode_alone(enc: Encoder, paths: list[Path], workers: int) -> float:
     """(d) images/s of the indexer's decode workers with no model running."""
-    w, h = enc.image_size
-    pool = DecodePool(workers, enc.preprocess, draft=(w, h))
+    fmt = PixelFormat.from_preprocess(enc.preprocess)
+    pool = DecodePool(workers, fmt or enc.preprocess, draft=draft_size(enc.image_size))
     with pool:
+        list(pool.run([Job(-1, bytes(paths[0]))]))  # workers started and warm
         t0 = time.perf_counter()
         done = sum(1 for d in pool.run(Job(i, bytes(p)) for i, p in enumerate(paths)))
         seconds = time.perf_counter() - t0
@@ -105,47 +151,83 @@ def decode_alone(enc: Encoder, paths: list[Path], workers: int) -> float:
     return len(paths) / seconds
 
 
+def random_vit_checkpoint() -> Path:
+    """ViT-B-32 with random weights saved to a file, so the CLI can load it (it refuses a
+    bare architecture name)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    path = Path(tempfile.gettempdir()) / "xmodal-bench-vit-b-32-random.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def measure(name: str, paths: list[Path], workers: int, threads: int | None) -> dict:
+    """One model, (a) to (d), with the ratios."""
+    if name == "ViT-B-32":
+        ckpt = random_vit_checkpoint()
+        enc, model = Encoder.load(name, str(ckpt)), ["--model", name, "--pretrained", str(ckpt)]
+    else:
+        enc, model = Encoder.load(name), ["--model", name]
+    tokens = reranker_folder(enc) is not None  # `xmodal index` caches them then
+    load_before = os.getloadavg()
+    a = model_alone(enc, paths[:MODEL_IMAGES], tokens)
+    b = naive(enc, paths[: NAIVE_IMAGES.get(name, NAIVE_IMAGES["default"])])
+    c = cli_index(model, paths[0].parent, len(paths), workers, threads)
+    d = decode_alone(enc, paths, workers)
+    best = max(a.values())
+    bound = 1 / (1 / best + 1 / d)
+    return {
+        "model": enc.identity.name,
+        "token_features": tokens,
+        "model_alone_img_s": round(best, 1),
+        "model_alone_batch64_img_s": round(a["batch"], 1),
+        f"model_alone_streams_pass{PASS_SIZE}_img_s": round(a["streams"], 1),
+        "naive_img_s": round(b, 1),
+        "xmodal_index_img_s": round(c["run"], 1),
+        "xmodal_index_command_img_s": round(c["command"], 1),
+        "xmodal_index_run_s": c["seconds"],
+        "decode_alone_img_s": round(d, 1),
+        "two_core_bound_img_s": round(bound, 1),
+        "vs_bound": round(c["run"] / bound, 2),
+        "command_vs_bound": round(c["command"] / bound, 2),
+        "vs_naive": round(c["run"] / b, 2),
+        "vs_model_alone": round(c["run"] / best, 2),
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
 def main() -> None:
-    """Run and print the comparison."""
+    """Run and print the comparison, one JSON line per model, then the machine's."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--n", type=int, default=1000, help="images for (c) and (d)")
     ap.add_argument("--workers", type=int, default=default_threads())
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--models", default="default,ViT-B-32")
+    ap.add_argument("--models", default="xmodal-photo,xmodal-shapes")
+    ap.add_argument("--vit", action="store_true", help="add ViT-B-32, random weights (slow)")
     args = ap.parse_args()
     configure_threads(args.threads)
     paths = make_photos(args.n)
-    rows = []
-    for name in args.models.split(","):
-        enc = Encoder.load() if name == "default" else Encoder.load(name)
-        batch = 64
-        a = model_alone(enc, paths[: min(len(paths), 256)], batch)
-        b = naive(enc, paths[: min(len(paths), 200)])
-        c = pipeline(enc, paths, batch, args.workers)
-        d = decode_alone(enc, paths, args.workers)
-        bound = 1 / (1 / a + 1 / d)
-        rows.append(
-            {
-                "model": enc.identity.name,
-                "model_alone_img_s": round(a, 1),
-                "naive_img_s": round(b, 1),
-                "xmodal_index_img_s": round(c, 1),
-                "decode_alone_img_s": round(d, 1),
-                "two_core_bound_img_s": round(bound, 1),
-                "vs_bound": round(c / bound, 2),
-                "vs_model_alone": round(c / a, 2),
-                "vs_naive": round(c / b, 2),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+    names = [m for m in args.models.split(",") if m] + (["ViT-B-32"] if args.vit else [])
+    for name in names:
+        print(json.dumps(measure(name, paths, args.workers, args.threads)), flush=True)
     print(
         json.dumps(
             {
+                "date": datetime.date.today().isoformat(),
                 "machine": platform.platform(),
                 "cpu": platform.processor(),
+                "torch": torch.__version__,
                 "images": args.n,
                 "workers": args.workers,
+                "pass_size": PASS_SIZE,
+                "batch_size": BATCH,
                 "threads": thread_settings(),
+                "loadavg": [round(v, 2) for v in os.getloadavg()],
             }
         )
     )
