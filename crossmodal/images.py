@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ MAX_UPLOAD_PIXELS: int = 4096 * 4096
 QUERY_SIDE: int = 512
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not grey pixels
+
+EXIF_IFD = 0x8769  # the Exif sub-IFD
+EXIF_DATETIME_ORIGINAL = 36867  # in the Exif IFD: when the photo was taken
+EXIF_DATETIME = 306  # in IFD0: when the file was last changed by the camera or an editor
 
 
 class ImageDecodeError(XmodalError):
@@ -77,6 +82,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def exif_taken_ns(exif: Image.Exif) -> int | None:
+    """When a photo was taken, from its EXIF (DateTimeOriginal, else DateTime), as ns
+    since the epoch reading the camera's wall-clock time as UTC; None without a sound one.
+    """
+    try:
+        stamp = exif.get_ifd(EXIF_IFD).get(EXIF_DATETIME_ORIGINAL) or exif.get(EXIF_DATETIME)
+    except Exception:  # a damaged Exif IFD: no date, not a failed image
+        return None
+    if isinstance(stamp, bytes):
+        stamp = stamp.decode("ascii", "replace")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.strptime(stamp.strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:  # "0000:00:00 00:00:00" and other placeholders
+        return None
+    return int(when.replace(tzinfo=UTC).timestamp()) * 1_000_000_000
+
+
 def decode_image(
     source: str | Path | bytes,
     max_pixels: int = MAX_PIXELS,
@@ -89,7 +113,8 @@ def decode_image(
     ``source`` is a path or the file's bytes. ``draft`` (width, height) lets JPEG
     decode at a reduced scale that still covers that size: several times faster for
     photos far larger than the model's input. With ``with_info`` returns
-    ``(image, {"format", "width", "height"})`` where the size is the full, upright one.
+    ``(image, {"format", "width", "height", "taken_ns"})`` where the size is the full,
+    upright one and ``taken_ns`` the EXIF date taken (``exif_taken_ns``) or None.
     ``max_full_pixels`` refuses images above that many pixels unless ``draft`` can reduce
     them (baseline JPEG): what a server needs to bound the memory of one decode.
     Raises ImageDecodeError (bad data, disallowed format, bomb) or OSError (unreadable).
@@ -113,8 +138,14 @@ def decode_image(
                         f"{width * height:,} pixels, more than the {max_full_pixels:,} decoded "
                         "at full size; send a smaller image or a baseline JPEG"
                     )
-                info = {"format": img.format, "width": width, "height": height}
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                exif = img.getexif()
+                info = {
+                    "format": img.format,
+                    "width": width,
+                    "height": height,
+                    "taken_ns": exif_taken_ns(exif),
+                }
+                if exif.get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
                     info["width"], info["height"] = height, width
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)  # animated: first frame only

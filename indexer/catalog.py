@@ -40,7 +40,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from xmodal.crossmodal.errors import XmodalError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 INDEXED, FAILED, EXCLUDED = "indexed", "failed", "excluded"
 # A file that disappeared: its vector leaves the FAISS index at the next publication,
@@ -115,6 +115,9 @@ class ImageRow(Base):
     display: Mapped[str] = mapped_column(Text)  # printable relative path
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    # When the photo was taken (EXIF DateTimeOriginal, else DateTime, as UTC wall-clock),
+    # else the file's mtime: what search filters by date compare (ns since the epoch).
+    taken_ns: Mapped[int | None] = mapped_column(BigInteger)
     content_hash: Mapped[str | None] = mapped_column(String(64))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
@@ -223,10 +226,18 @@ def _v4_visual_space(conn: Connection) -> None:
     conn.execute(text(f"ALTER TABLE images ADD COLUMN visual {blob}"))
 
 
+def _v5_taken(conn: Connection) -> None:
+    """v5: the date an image was taken, for search filters; existing rows get their mtime
+    until the indexer reads their EXIF again (a re-index of changed files, or a new one)."""
+    conn.execute(text("ALTER TABLE images ADD COLUMN taken_ns BIGINT"))
+    conn.execute(text("UPDATE images SET taken_ns = mtime_ns"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _v2_token_caches,
     3: _v3_vector_pending,
     4: _v4_visual_space,
+    5: _v5_taken,
 }
 
 

@@ -192,6 +192,7 @@ class Decoded:
     # scan), so the catalog describes these bytes, not the ones the scan saw.
     size: int | None = None
     mtime_ns: int | None = None
+    taken_ns: int | None = None  # EXIF date taken; None without one (the mtime stands in)
     unreadable: bool = False  # the OS refused to read it (permissions, I/O error)
 
 
@@ -249,6 +250,7 @@ def process_file(job: Job, preprocess: Preprocess, draft: tuple[int, int] | None
         width=info["width"],
         height=info["height"],
         format=info["format"],
+        taken_ns=info.get("taken_ns"),
         **read,
     )
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import case, delete, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
@@ -103,6 +103,12 @@ class RunReport:
 
 def _vector_bytes(v: np.ndarray) -> bytes:
     return np.ascontiguousarray(v, dtype=np.float32).tobytes()
+
+
+def _taken_after_touch(mtime_ns: int) -> Any:
+    """The date taken of a row whose file's mtime changes (same bytes): an EXIF date
+    stays, one that was the old mtime becomes the new one (SQL, the row's old values)."""
+    return case((ImageRow.taken_ns == ImageRow.mtime_ns, mtime_ns), else_=ImageRow.taken_ns)
 
 
 def _held_by(rel: bytes, unreadable: set[bytes]) -> bytes | None:
@@ -470,6 +476,8 @@ class Indexer:
             "visual": visual,
             "format": (decoded.format if decoded else None) or e.format,
         }
+        # Date taken: the EXIF date when the bytes carry one, else the file's mtime.
+        values["taken_ns"] = (decoded.taken_ns if decoded else None) or values["mtime_ns"]
         if decoded is not None:
             values.update(
                 content_hash=decoded.content_hash, width=decoded.width, height=decoded.height
@@ -580,6 +588,9 @@ class Indexer:
                 .values(
                     size=d.size if d.size is not None else e.size,
                     mtime_ns=d.mtime_ns if d.mtime_ns is not None else e.mtime_ns,
+                    taken_ns=_taken_after_touch(
+                        d.mtime_ns if d.mtime_ns is not None else e.mtime_ns
+                    ),
                     run_id=self.report.run_id,
                 )
             )
@@ -596,6 +607,9 @@ class Indexer:
                     display=e.display,
                     size=d.size if d.size is not None else e.size,
                     mtime_ns=d.mtime_ns if d.mtime_ns is not None else e.mtime_ns,
+                    taken_ns=_taken_after_touch(
+                        d.mtime_ns if d.mtime_ns is not None else e.mtime_ns
+                    ),
                     run_id=self.report.run_id,
                 )
             )
@@ -623,6 +637,8 @@ class Indexer:
                 src.format,
                 size=d.size,
                 mtime_ns=d.mtime_ns,
+                # Same bytes, same EXIF: its date taken, unless that was the source's mtime.
+                taken_ns=src.taken_ns if src.taken_ns != src.mtime_ns else None,
             )
             cached = s.get(ImageTokens, src.id)
             tokens = tokens_of(cached) if cached is not None else None

@@ -53,6 +53,7 @@ def test_v2_catalog_upgrades_and_republishes_vectors_it_may_hold_stale(
     with engine.begin() as conn:  # make it a v2 catalog
         conn.execute(text("ALTER TABLE images DROP COLUMN vector_pending"))
         conn.execute(text("ALTER TABLE images DROP COLUMN visual"))  # v4's
+        conn.execute(text("ALTER TABLE images DROP COLUMN taken_ns"))  # v5's
         conn.execute(Meta.__table__.update().where(Meta.key == "schema_version").values(value="2"))
     # A server opening it upgrades it in place and searches as before.
     served = SearchEngine(bundle, enc)
@@ -60,7 +61,7 @@ def test_v2_catalog_upgrades_and_republishes_vectors_it_may_hold_stale(
     served.close()
     with engine.connect() as conn:
         assert conn.execute(text("SELECT value FROM xmodal_meta")).scalar() == str(SCHEMA_VERSION)
-    assert migrate(engine) == SCHEMA_VERSION == 4
+    assert migrate(engine) == SCHEMA_VERSION == 5
     pending = text("SELECT count(*) FROM images WHERE vector_pending")
     with engine.connect() as conn:
         assert conn.execute(pending).scalar() == 4
