@@ -43,6 +43,15 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "is_coca": "coca_scorer",
         "MatchScorer": "scoring",
         "fusion_weight": "scoring",
+        # match probabilities
+        "Calibration": "calibration",
+        "Platt": "calibration",
+        "LABEL_BANDS": "calibration",
+        "WEAK": "calibration",
+        "CALIBRATION_FILE": "calibration",
+        "read_calibration": "calibration",
+        "match_label": "calibration",
+        "expected_calibration_error": "calibration",
         # images and pair files
         "ImageDecodeError": "images",
         "allowed_formats": "images",

@@ -25,6 +25,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "DEFAULT_K": "limits",
         "MAX_QUERY_CHARS": "limits",
         "load_scorer": "rerank",
+        "good_match": "matching",
         "reranker_folder": "rerank",
         "bundle_status": "status",
         "model_advice": "status",

@@ -41,6 +41,7 @@ from .limits import (
     MAX_RERANK_K,
     QueryError,
 )
+from .matching import find_calibration, with_probabilities
 from .query import TextQuery
 from .rerank import Reranker, open_scorer
 
@@ -85,6 +86,8 @@ class Result:
     cosine: float | None = None  # dual-encoder score, when reranked
     match: float | None = None  # cross-attention match score, when reranked
     best_caption: str | None = None  # images: the linked caption closest to the query
+    match_probability: float | None = None  # text -> image, where the model is calibrated
+    match_label: str | None = None  # 'match', 'partial' or 'weak', from the probability
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without empty fields."""
@@ -198,6 +201,8 @@ class SearchEngine:
             # Dual-encoder search still works: disable the add-on rather than refuse.
             log.warning("reranking disabled: %s", self.rerank_problem)
         self.reranker = Reranker(self.bundle, self.encoder, scorer) if scorer else None
+        weight = self.reranker.w if self.reranker else None
+        self.calibration = find_calibration(self.bundle.path, self.encoder, weight)
 
     def published_stamp(self) -> tuple[int, int, int] | None:
         """(inode, size, mtime) of the bundle's manifest file: unchanged means nothing new
@@ -333,13 +338,16 @@ class SearchEngine:
             query = self.text_query(q)
         if not use:
             results = self.search_vector("images", query.vector, k, min_score, offset=offset)
+            results = with_probabilities(results, self.calibration, reranked=False)
             return self.with_captions(results, query.vector)
         # Every page reranks the same top rerank_k, so pages join into one ranking.
         depth = max(offset + k, rerank_k)
         cands = self.search_vector("images", query.vector, depth, min_score)
         head = self.reranker.images_for_text(check_text(q), query, cands[:rerank_k])
-        page = (head + _below(head, cands[rerank_k:]))[offset : offset + k]
-        return self.with_captions(page, query.vector)
+        ranking = with_probabilities(
+            head + _below(head, cands[rerank_k:]), self.calibration, reranked=True
+        )
+        return self.with_captions(ranking[offset : offset + k], query.vector)
 
     def text_to_captions(
         self, q: str, k: int = DEFAULT_K, min_score: float | None = None, offset: int = 0

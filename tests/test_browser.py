@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -269,3 +270,29 @@ def test_without_javascript_a_result_opens_its_detail_page(server, browser) -> N
     page.click("text=Back to results")
     assert "/?q=" in page.url
     context.close()
+
+
+def test_match_labels_and_the_no_good_match_notice(server, browser, demo_bundle) -> None:
+    from urllib.parse import quote
+
+    caption = json.loads((demo_bundle[0] / "test.jsonl").read_text().splitlines()[0])["caption"]
+    for width, name in ((1280, "labels"), (390, "labels-phone")):
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(server + "/?q=" + quote(caption))
+        scores = page.locator(".grid .card .score").all_inner_texts()
+        assert len(scores) == 24 and scores[0].startswith("Match"), scores[:3]
+        # One number per card, in ranking order: the shipped calibration's probabilities.
+        probs = page.eval_on_selector_all(".grid .score", "ss => ss.map(s => +s.dataset.p)")
+        assert probs == sorted(probs, reverse=True) and probs[0] > probs[-1]
+        shown = re.compile(r"(Match|Partial|Weak) (<1|>99|[1-9][0-9]?)%")
+        assert all(shown.fullmatch(s) for s in scores), scores
+        assert page.locator("#no-match").count() == 0
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+        page.goto(server + "/?q=" + quote("a photo of a dog on the beach"))
+        assert page.locator("#no-match").is_visible()
+        assert "No good match" in page.inner_text("#no-match")
+        assert page.locator(".grid .label-match").count() == 0
+        assert page.locator(".grid .card").count() == 24  # the closest are still shown
+        page.screenshot(path=str(ARTIFACTS / f"no-match-{name.split('-')[-1]}.png"))
+        page.close()

@@ -56,6 +56,13 @@ def test_text_search_api(client) -> None:
     doc = r.get_json()
     assert doc["query"] == "a large red circle" and len(doc["results"]) == 5
     assert {"id", "score", "path"} <= set(doc["results"][0])
+    # The shipped shapes calibration labels every result, numbers in ranking order.
+    probs = [h["match_probability"] for h in doc["results"]]
+    assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+    assert {h["match_label"] for h in doc["results"]} <= {"match", "partial", "weak"}
+    assert doc["good_match"] is (doc["results"][0]["match_label"] == "match")
+    nonsense = client.get("/api/search", query_string={"q": "a photo of a dog on the beach"})
+    assert nonsense.get_json()["good_match"] is False
     assert r.headers["Content-Security-Policy"].startswith("default-src 'self'")
     assert r.headers["X-Content-Type-Options"] == "nosniff"
 

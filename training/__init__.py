@@ -25,5 +25,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "evaluate_reranked": "evaluate",
         "build_photo_set": "photo_set",
         "build_photo_model": "photo_model",
+        "fit_calibration": "calibrate",
+        "DEFAULT_MAX_QUERIES": "calibrate",
     },
 )

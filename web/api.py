@@ -27,6 +27,7 @@ from xmodal.search.engine import (
     CatalogError,
     QueryError,
 )
+from xmodal.search.matching import good_match
 
 from .openapi import openapi_document
 from .service import NotServable
@@ -170,12 +171,18 @@ def _http(exc: HTTPException) -> tuple[Response, int]:
     return error(exc.code or 500, http_error_message(exc))
 
 
-def results_json(query: Any, results: list, offset: int = 0, k: int | None = None) -> Response:
+def results_json(
+    query: Any, results: list, offset: int = 0, k: int | None = None, **extra: Any
+) -> Response:
     """The result envelope shared by the search routes; ``next_offset`` asks for the next
     page (null on the last)."""
     more = next_offset(offset, k, results) if k is not None else None
     return jsonify(
-        query=query, offset=offset, next_offset=more, results=[r.to_dict() for r in results]
+        query=query,
+        offset=offset,
+        next_offset=more,
+        **extra,
+        results=[r.to_dict() for r in results],
     )
 
 
@@ -188,7 +195,8 @@ def search_text() -> Response:
     min_score = float_param("min_score")
     rerank, rerank_k = rerank_params()
     results = service().text_to_images(q, k, min_score, rerank, rerank_k, offset)
-    return results_json(q, results, offset, k)
+    # Whether the best result matches well (null: the model is not calibrated).
+    return results_json(q, results, offset, k, good_match=good_match(results))
 
 
 @bp.post("/search/image")

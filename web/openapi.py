@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from xmodal.crossmodal.calibration import LABEL_BANDS, WEAK
 from xmodal.search.limits import DEFAULT_RERANK_K, MAX_K, MAX_QUERY_CHARS, MAX_RERANK_K
 
 from . import DEFAULTS, MAX_CATALOG_ID
@@ -263,6 +264,16 @@ def openapi_document(
                             "type": "string",
                             "description": "images: the linked caption closest to the query",
                         },
+                        "match_probability": {
+                            "type": "number",
+                            "description": "text -> image: how likely the image matches (0-1), "
+                            "where the model is calibrated (xmodal calibrate); in ranking order",
+                        },
+                        "match_label": {
+                            "type": "string",
+                            "enum": [label for label, _ in LABEL_BANDS] + [WEAK],
+                            "description": "the band of match_probability",
+                        },
                     },
                 },
                 "Results": {
@@ -275,6 +286,12 @@ def openapi_document(
                             "type": "integer",
                             "nullable": True,
                             "description": "the offset of the next page; null on the last",
+                        },
+                        "good_match": {
+                            "type": "boolean",
+                            "nullable": True,
+                            "description": "text -> image: whether the first result is "
+                            "labelled a match (null where the model is not calibrated)",
                         },
                         "results": {
                             "type": "array",

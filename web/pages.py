@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError
 from xmodal.search.engine import MAX_K, QueryError
+from xmodal.search.matching import good_match
 
 from . import MAX_CATALOG_ID
 from .api import (
@@ -88,7 +89,14 @@ def search() -> tuple[str, int] | str:
         if rerank is not None:
             args["rerank"] = int(rerank)
         next_url = url_for("pages.search", **args, offset=more)
-    return render_template("search.html", results=results, offset=offset, next_url=next_url, **ctx)
+    return render_template(
+        "search.html",
+        results=results,
+        offset=offset,
+        next_url=next_url,
+        good_match=good_match(results),
+        **ctx,
+    )
 
 
 @bp.route("/image", methods=["GET", "POST"])

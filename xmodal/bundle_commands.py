@@ -305,7 +305,8 @@ def search(
     for r in results:
         # One result, one line: a newline in a file name or caption must not forge another.
         shown = r.path if r.path is not None else r.caption or ""
-        click.echo(f"{r.score:7.4f}  {printable(shown)}")
+        how = f"  {r.match_label:<7} {r.match_probability:6.1%}" if r.match_label else ""
+        click.echo(f"{r.score:7.4f}{how}  {printable(shown)}")
 
 
 @click.command()

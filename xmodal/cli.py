@@ -112,9 +112,9 @@ def main(threads: int | None) -> None:
 
 
 def _register() -> None:
-    from . import bundle_commands, model_commands
+    from . import bundle_commands, calibrate_commands, model_commands
 
-    for module in (model_commands, bundle_commands):
+    for module in (model_commands, calibrate_commands, bundle_commands):
         for command in module.COMMANDS:
             main.add_command(command)
 
