@@ -29,6 +29,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "Manifest": "bundle",
         "read_manifest": "bundle",
         "manifest_stamp": "bundle",
+        "ImageFilter": "bundle",
+        "FilterError": "bundle",
         "CatalogError": "catalog",
     },
 )

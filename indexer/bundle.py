@@ -39,7 +39,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, and_, func, or_, select, true
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from xmodal.crossmodal.errors import XmodalError
@@ -65,6 +65,10 @@ from .catalog import (
     sqlite_url,
     upgrade,
 )
+
+# ImageFilter and FilterError are offered to the search side from here (it reads
+# bundles only through this module).
+from .filters import FilterError, ImageFilter, search_within
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -566,13 +570,63 @@ class Bundle:
         """Catalog URL without password."""
         return public_url(self.url)
 
-    def search(self, kind: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw FAISS search: (scores [Q, k], ids [Q, k]); empty index gives -1 ids."""
+    def search(
+        self, kind: str, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw FAISS search: (scores [Q, k], ids [Q, k]); empty index gives -1 ids.
+
+        ``allowed`` (catalog ids, from ``filter_ids``) restricts the search to them inside
+        FAISS, so k come back whenever k of them are indexed."""
         index = self.indexes.get(kind)
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if index is None or index.ntotal == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        if allowed is not None:
+            return search_within(index, q, min(k, index.ntotal), allowed)
         return index.search(q, min(k, index.ntotal))
+
+    @catalog_read
+    def filter_ids(self, flt: ImageFilter) -> np.ndarray:
+        """Ids of the indexed images that pass a filter (int64, ascending), in one query."""
+        q = select(ImageRow.id).where(ImageRow.status == INDEXED)
+        with Session(self.engine) as s:
+            if flt.folder is not None:
+                q = q.where(self._folder_clause(s, flt.folder))
+            if flt.types:
+                q = q.where(ImageRow.format.in_(flt.types))
+            after, before = flt.taken_range_ns()
+            if after is not None:
+                q = q.where(ImageRow.taken_ns >= after)
+            if before is not None:
+                q = q.where(ImageRow.taken_ns < before)
+            if flt.min_width is not None:
+                q = q.where(ImageRow.width >= flt.min_width)
+            ids = s.execute(q.order_by(ImageRow.id)).scalars().all()
+        return np.asarray(ids, dtype=np.int64)
+
+    @staticmethod
+    def _folder_clause(s: Session, folder: str) -> Any:
+        """Rows under a folder: relative to any indexed root, or an absolute path inside
+        one; a whole path component ("trips" holds "trips/a.jpg", not "trips2/a.jpg")."""
+
+        def under(rel: str) -> Any:
+            if not rel:
+                return true()
+            prefix = rel + "/"
+            return func.substr(ImageRow.display, 1, len(prefix)) == prefix
+
+        if not folder.startswith("/"):
+            return under(folder)
+        wanted = os.path.normpath(folder)
+        clauses = []
+        for root_id, root in s.execute(select(Root.id, Root.path)).all():
+            top = os.path.normpath(root.decode("utf-8", "replace"))
+            if wanted == top or wanted.startswith(top.rstrip("/") + "/"):
+                rel = wanted[len(top) :].strip("/")
+                clauses.append(and_(ImageRow.root_id == root_id, under(rel)))
+        if not clauses:
+            raise FilterError(f"folder {folder[:200]!r} is not inside an indexed folder")
+        return or_(*clauses)
 
     @catalog_read
     def vectors(self, kind: str, ids: list[int]) -> np.ndarray:

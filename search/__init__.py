@@ -16,6 +16,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "BundleError": "engine",
         "CatalogError": "engine",
         "ImageHit": "engine",
+        "ImageFilter": "engine",
+        "FilterError": "engine",
         "check_text": "engine",
         "TextQuery": "query",
         "encoder_for_bundle": "engine",

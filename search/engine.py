@@ -28,6 +28,8 @@ from xmodal.indexer.bundle import (
     Bundle,
     BundleError,
     CatalogError,
+    FilterError,
+    ImageFilter,
     ImageHit,
     manifest_stamp,
     read_manifest,
@@ -57,6 +59,8 @@ __all__ = [
     "MAX_RERANK_K",
     "BundleError",
     "CatalogError",
+    "FilterError",
+    "ImageFilter",
     "ImageHit",
     "ModelMismatchError",
     "QueryError",
@@ -256,14 +260,18 @@ class SearchEngine:
         min_score: float | None = None,
         exclude: Sequence[int] = (),
         offset: int = 0,
+        filters: ImageFilter | None = None,
     ) -> list[Result]:
         """Nearest ``kind`` ('images', 'captions' or 'visual': images in the image tower's
-        own space) to a query vector, stale ids dropped; the ``offset``-th onwards."""
+        own space) to a query vector, stale ids dropped; the ``offset``-th onwards.
+
+        ``filters`` restrict image results inside the FAISS search (k come back whenever
+        k indexed images pass)."""
         check_k(k)
         check_offset(offset, k)
         # Ask for a few more than k: -1 padding, stale rows and exclusions are dropped.
         want = offset + k + len(exclude) + 8
-        scores, ids = self.bundle.search(kind, vector[None, :], want)
+        scores, ids = self.bundle.search(kind, vector[None, :], want, self._allowed(kind, filters))
         pairs = [
             (int(i), c)
             for i, c in cosines(scores[0], ids[0])
@@ -280,6 +288,17 @@ class SearchEngine:
             facts_c = self.bundle.captions([i for i, _ in pairs])
             results = [Result(i, s, caption=facts_c[i].text) for i, s in pairs if i in facts_c]
         return results[offset : offset + k]
+
+    def _allowed(self, kind: str, filters: ImageFilter | None) -> np.ndarray | None:
+        """The image ids a filter lets through (None: no filter)."""
+        if filters is None or not filters.active:
+            return None
+        if kind == "captions":
+            raise QueryError("filters apply to image results only, not to captions")
+        try:
+            return self.bundle.filter_ids(filters)
+        except FilterError as exc:
+            raise QueryError(str(exc)) from exc
 
     def with_captions(self, results: list[Result], vector: np.ndarray | None) -> list[Result]:
         """Image results with ``best_caption``: of each image's linked captions, the one
@@ -324,12 +343,13 @@ class SearchEngine:
         rerank_k: int = DEFAULT_RERANK_K,
         query: TextQuery | None = None,
         offset: int = 0,
+        filters: ImageFilter | None = None,
     ) -> list[Result]:
         """Images best matching a text; reranked by default when the model has a reranker.
 
         ``min_score`` filters on the dual-encoder cosine. ``query`` is a precomputed
         ``text_query(q)`` (the web app caches them). ``offset`` skips that many results of
-        the same ranking (the next page).
+        the same ranking (the next page). ``filters`` restrict which images may come back.
         """
         check_k(k)
         check_offset(offset, k)
@@ -337,12 +357,14 @@ class SearchEngine:
         if query is None:
             query = self.text_query(q)
         if not use:
-            results = self.search_vector("images", query.vector, k, min_score, offset=offset)
+            results = self.search_vector(
+                "images", query.vector, k, min_score, offset=offset, filters=filters
+            )
             results = with_probabilities(results, self.calibration, reranked=False)
             return self.with_captions(results, query.vector)
         # Every page reranks the same top rerank_k, so pages join into one ranking.
         depth = max(offset + k, rerank_k)
-        cands = self.search_vector("images", query.vector, depth, min_score)
+        cands = self.search_vector("images", query.vector, depth, min_score, filters=filters)
         head = self.reranker.images_for_text(check_text(q), query, cands[:rerank_k])
         ranking = with_probabilities(
             head + _below(head, cands[rerank_k:]), self.calibration, reranked=True
@@ -361,14 +383,15 @@ class SearchEngine:
         k: int = DEFAULT_K,
         min_score: float | None = None,
         offset: int = 0,
+        filters: ImageFilter | None = None,
     ) -> list[Result]:
         """Images most similar to an image, in the image tower's own space where the model
-        has one (visual similarity), else in the joint space."""
+        has one (visual similarity), else in the joint space; ``filters`` as for text."""
         x = self.encoder.preprocess_image(image)[None]
         joint, visual = self.encoder.encode_image_spaces(x)
         space = self.image_space
         vector = (visual if space == "visual" and visual is not None else joint)[0]
-        results = self.search_vector(space, vector, k, min_score, offset=offset)
+        results = self.search_vector(space, vector, k, min_score, offset=offset, filters=filters)
         return self.with_captions(results, joint[0])
 
     def image_to_captions(

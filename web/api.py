@@ -25,6 +25,8 @@ from xmodal.search.engine import (
     MAX_RERANK_K,
     BundleError,
     CatalogError,
+    FilterError,
+    ImageFilter,
     QueryError,
 )
 from xmodal.search.matching import good_match
@@ -99,6 +101,19 @@ def rerank_params() -> tuple[bool | None, int]:
     if rerank and not service().can_rerank:
         raise BadParameter("this model has no reranker")
     return rerank, int_param("rerank_k", DEFAULT_RERANK_K, 1, MAX_RERANK_K)
+
+
+# The filter parameters, as the API, the page and the OpenAPI document name them.
+FILTER_PARAMS = ("folder", "type", "taken_after", "taken_before", "min_width")
+
+
+def filter_params() -> ImageFilter:
+    """The search filters of a request (folder=, type=, taken_after=, taken_before=,
+    min_width=); none given: a filter that lets everything through."""
+    try:
+        return ImageFilter.parse(**{name: request.values.get(name) for name in FILTER_PARAMS})
+    except FilterError as exc:
+        raise BadParameter(str(exc), exc.param, exc.problem) from None
 
 
 def k_param() -> int:
@@ -194,9 +209,12 @@ def search_text() -> Response:
     offset = offset_param(k)
     min_score = float_param("min_score")
     rerank, rerank_k = rerank_params()
-    results = service().text_to_images(q, k, min_score, rerank, rerank_k, offset)
+    filters = filter_params()
+    results = service().text_to_images(q, k, min_score, rerank, rerank_k, offset, filters)
     # Whether the best result matches well (null: the model is not calibrated).
-    return results_json(q, results, offset, k, good_match=good_match(results))
+    return results_json(
+        q, results, offset, k, good_match=good_match(results), filters=filters.to_dict()
+    )
 
 
 @bp.post("/search/image")
@@ -210,10 +228,15 @@ def search_image() -> Response:
     offset = offset_param(k)
     min_score = float_param("min_score")
     rerank, rerank_k = rerank_params()
+    filters = filter_params()
+    if filters.active and target == "captions":
+        raise BadParameter("filters apply to image results only, not to captions", "target")
     data = read_upload(upload)
-    results = service().image_query(data, target, k, min_score, rerank, rerank_k, offset)
+    results = service().image_query(
+        data, target, k, min_score, rerank, rerank_k, offset, filters=filters
+    )
     query = {"image": upload.filename or "upload", "target": target}
-    return results_json(query, results, offset, k)
+    return results_json(query, results, offset, k, filters=filters.to_dict())
 
 
 @bp.get("/images/<id:image_id>")

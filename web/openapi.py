@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from xmodal.crossmodal.calibration import LABEL_BANDS, WEAK
+from xmodal.search.engine import ImageFilter
 from xmodal.search.limits import DEFAULT_RERANK_K, MAX_K, MAX_QUERY_CHARS, MAX_RERANK_K
 
 from . import DEFAULTS, MAX_CATALOG_ID
@@ -81,6 +82,37 @@ def openapi_document(
         "description": "How many dual-encoder candidates the reranker re-scores.",
         "schema": rerank_k_schema,
     }
+    date = "an ISO date (2019-07-14) or date-time (UTC unless it says otherwise)"
+    filter_schemas: dict[str, dict[str, Any]] = {
+        "folder": {
+            "type": "string",
+            "description": "Only images under this folder: relative to an indexed folder "
+            "(trips/2019), or an absolute path inside one; whole path components.",
+        },
+        "type": {
+            "type": "string",
+            "description": "Only these image types, comma-separated: "
+            f"{', '.join(ImageFilter.known_types())} (jpg and tif too).",
+        },
+        "taken_after": {
+            "type": "string",
+            "description": f"Only images taken on or after this, {date}. The date taken is "
+            "EXIF DateTimeOriginal (else DateTime), else the file's modification time.",
+        },
+        "taken_before": {
+            "type": "string",
+            "description": f"Only images taken before this (exclusive), {date}.",
+        },
+        "min_width": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "Only images at least this many pixels wide.",
+        },
+    }
+    filters = [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in filter_schemas.items()
+    ]
     image_id = {
         "name": "image_id",
         "in": "path",
@@ -115,10 +147,13 @@ def openapi_document(
                         min_score,
                         rerank,
                         rerank_k,
+                        *filters,
                     ],
                     "responses": {
                         "200": _json("Results"),
-                        "400": _error("Bad parameter (empty or too long q, k out of range)."),
+                        "400": _error(
+                            "Bad parameter (empty or too long q, k out of range, a bad filter)."
+                        ),
                     },
                 }
             },
@@ -150,6 +185,7 @@ def openapi_document(
                                         "min_score": {"type": "number"},
                                         "rerank": {"type": "integer", "enum": [0, 1]},
                                         "rerank_k": rerank_k_schema,
+                                        **filter_schemas,
                                     },
                                 }
                             }
@@ -292,6 +328,11 @@ def openapi_document(
                             "nullable": True,
                             "description": "text -> image: whether the first result is "
                             "labelled a match (null where the model is not calibrated)",
+                        },
+                        "filters": {
+                            "type": "object",
+                            "description": "image results: the filters in force, as parsed "
+                            "(type as a list, dates in ISO form)",
                         },
                         "results": {
                             "type": "array",

@@ -28,7 +28,14 @@ from typing import Any
 from PIL import Image
 from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import QUERY_SIDE, ImageDecodeError, decode_image, decode_upload
-from xmodal.search.engine import DEFAULT_RERANK_K, ImageHit, Result, SearchEngine, check_text
+from xmodal.search.engine import (
+    DEFAULT_RERANK_K,
+    ImageFilter,
+    ImageHit,
+    Result,
+    SearchEngine,
+    check_text,
+)
 from xmodal.search.query import TextQuery
 from xmodal.search.status import bundle_status
 
@@ -177,12 +184,13 @@ class SearchService:
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
         offset: int = 0,
+        filters: ImageFilter | None = None,
     ) -> list[Result]:
         """Images for a text query (reranked by default when the model can), from the
-        ``offset``-th result."""
+        ``offset``-th result, among those ``filters`` let through."""
         query = self.text_query(q)
         return self.engine.text_to_images(
-            q, k, min_score, rerank, rerank_k, query=query, offset=offset
+            q, k, min_score, rerank, rerank_k, query=query, offset=offset, filters=filters
         )
 
     def decode_upload(self, data: bytes) -> Image.Image:
@@ -199,14 +207,16 @@ class SearchService:
         rerank: bool | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
         offset: int = 0,
+        filters: ImageFilter | None = None,
     ) -> list[Result]:
-        """Images or captions for an upload: its bytes, or what ``decode_upload`` made."""
+        """Images or captions for an upload: its bytes, or what ``decode_upload`` made;
+        ``filters`` restrict images (captions take none)."""
         image = self.decode_upload(data) if isinstance(data, bytes) else data
         if target == "captions":
             return self.engine.image_to_captions(
                 image, k, min_score, rerank, rerank_k, offset=offset
             )
-        return self.engine.image_to_images(image, k, min_score, offset=offset)
+        return self.engine.image_to_images(image, k, min_score, offset=offset, filters=filters)
 
     def indexed_query(self, image_id: int) -> StoredQuery:
         """An indexed image as a search-by-image query ("search with this image")."""

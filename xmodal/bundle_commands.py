@@ -233,6 +233,16 @@ def index(
         )
 
 
+# The search command's flag for each filter (the API's parameter names).
+_FILTER_FLAGS = {
+    "folder": "--folder",
+    "type": "--type",
+    "taken_after": "--after",
+    "taken_before": "--before",
+    "min_width": "--min-width",
+}
+
+
 @click.command()
 @click.argument("query", required=False)
 @_bundle_option
@@ -254,6 +264,11 @@ def index(
 @click.option(
     "--rerank-k", type=click.IntRange(1, MAX_RERANK_K), default=DEFAULT_RERANK_K, show_default=True
 )
+@click.option("--folder", help="Only images under this folder (relative to an indexed one).")
+@click.option("--type", "types", help="Only these image types, comma-separated (jpeg,png).")
+@click.option("--after", help="Only images taken on or after this date (2019-07-14).")
+@click.option("--before", help="Only images taken before this date (exclusive).")
+@click.option("--min-width", help="Only images at least this many pixels wide.")
 @click.option("--json", "as_json", is_flag=True)
 def search(
     query: str | None,
@@ -265,16 +280,33 @@ def search(
     min_score: float | None,
     rerank: bool | None,
     rerank_k: int,
+    folder: str | None,
+    types: str | None,
+    after: str | None,
+    before: str | None,
+    min_width: str | None,
     as_json: bool,
 ) -> None:
-    """Search a bundle with text or with an image."""
+    """Search a bundle with text or with an image.
+
+    Image results can be filtered by folder, type, date taken (EXIF, else the file's
+    modification time) and width, inside the index search: k results whenever k pass.
+    """
     from xmodal.crossmodal.images import ImageDecodeError, decode_image
     from xmodal.indexer.captions import read_regular_file
     from xmodal.indexer.decode import MAX_FILE_BYTES
+    from xmodal.indexer.filters import FilterError, ImageFilter
     from xmodal.search.engine import SearchEngine
 
     if (query is None) == (image is None):
         raise click.UsageError("give either a QUERY text or --image FILE")
+    try:
+        filters = ImageFilter.parse(folder, types, after, before, min_width)
+    except FilterError as exc:
+        flag = _FILTER_FLAGS.get(exc.param or "", "a filter")
+        raise click.BadParameter(exc.problem, param_hint=flag) from None
+    if filters.active and target == "captions":
+        raise click.UsageError("filters apply to image results only, not to --target captions")
     # Read (a regular file, bounded: a FIFO would block) before loading the model.
     data = None if image is None else read_regular_file(image, MAX_FILE_BYTES, "image")
     engine = SearchEngine(bundle, db_url=db_url, rerank=rerank)
@@ -290,13 +322,13 @@ def search(
         if target == "captions":
             results = engine.image_to_captions(picture, k, min_score, rerank, rerank_k)
         else:
-            results = engine.image_to_images(picture, k, min_score)
+            results = engine.image_to_images(picture, k, min_score, filters=filters)
     else:
         label = query
         if target == "captions":
             results = engine.text_to_captions(query, k, min_score)
         else:
-            results = engine.text_to_images(query, k, min_score, rerank, rerank_k)
+            results = engine.text_to_images(query, k, min_score, rerank, rerank_k, filters=filters)
     if as_json:
         click.echo(json.dumps({"query": label, "results": [r.to_dict() for r in results]}))
         return
