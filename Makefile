@@ -64,6 +64,7 @@ bench: $(STAMP) $(DEMO)/test.jsonl
 	$(BIN)/python bench/encoder_throughput.py
 	$(BIN)/python bench/index_throughput.py
 	$(BIN)/python bench/search_latency.py
+	$(BIN)/python bench/filter_latency.py
 	$(BIN)/xmodal index $(DEMO)/images/test --captions $(DEMO)/test.jsonl --bundle $(BUNDLE)
 	$(BIN)/python bench/serve_load.py --bundle $(BUNDLE)
 	$(BIN)/python bench/rerank_latency.py --bundle $(BUNDLE)

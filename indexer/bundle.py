@@ -31,6 +31,7 @@ import re
 import tempfile
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -39,7 +40,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import Engine, and_, func, or_, select, true
+from sqlalchemy import Connection, Engine, and_, func, or_, select, true
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from xmodal.crossmodal.errors import XmodalError
@@ -77,6 +78,7 @@ CATALOG_FILE = "catalog.sqlite"
 # "visual", images in the image tower's own space (image -> similar images) for models
 # that have one (the photo model); its entry stays empty for the rest.
 KINDS = ("images", "captions", "visual")
+FILTER_CACHE = 16  # filters whose passing ids a bundle keeps (at most 8 bytes an image each)
 
 
 class BundleError(XmodalError):
@@ -560,6 +562,7 @@ class Bundle:
             self.engine.dispose()
             raise
         self._lock = threading.Lock()
+        self._filter_cache: OrderedDict[ImageFilter, np.ndarray] = OrderedDict()
 
     @property
     def identity(self) -> ModelIdentity:
@@ -585,11 +588,29 @@ class Bundle:
             return search_within(index, q, min(k, index.ntotal), allowed)
         return index.search(q, min(k, index.ntotal))
 
-    @catalog_read
     def filter_ids(self, flt: ImageFilter) -> np.ndarray:
-        """Ids of the indexed images that pass a filter (int64, ascending), in one query."""
+        """Ids of the indexed images that pass a filter (int64, ascending), in one query.
+
+        The last few filters' ids are kept (``FILTER_CACHE`` of them, per generation: a
+        bundle object serves one), so the next page of a filtered search does not ask
+        the catalog again; ids that left the catalog since are dropped by the result
+        lookup, as stale FAISS ids are."""
+        with self._lock:
+            cached = self._filter_cache.get(flt)
+            if cached is not None:
+                self._filter_cache.move_to_end(flt)
+                return cached
+        ids = self._query_filter_ids(flt)
+        with self._lock:
+            self._filter_cache[flt] = ids
+            while len(self._filter_cache) > FILTER_CACHE:
+                self._filter_cache.popitem(last=False)
+        return ids
+
+    @catalog_read
+    def _query_filter_ids(self, flt: ImageFilter) -> np.ndarray:
         q = select(ImageRow.id).where(ImageRow.status == INDEXED)
-        with Session(self.engine) as s:
+        with self.engine.connect() as s:
             if flt.folder is not None:
                 q = q.where(self._folder_clause(s, flt.folder))
             if flt.types:
@@ -601,11 +622,11 @@ class Bundle:
                 q = q.where(ImageRow.taken_ns < before)
             if flt.min_width is not None:
                 q = q.where(ImageRow.width >= flt.min_width)
-            ids = s.execute(q.order_by(ImageRow.id)).scalars().all()
-        return np.asarray(ids, dtype=np.int64)
+            rows = s.execute(q.order_by(ImageRow.id)).all()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     @staticmethod
-    def _folder_clause(s: Session, folder: str) -> Any:
+    def _folder_clause(s: Connection, folder: str) -> Any:
         """Rows under a folder: relative to any indexed root, or an absolute path inside
         one; a whole path component ("trips" holds "trips/a.jpg", not "trips2/a.jpg")."""
 

@@ -2,7 +2,7 @@
 
 An ``ImageFilter`` (folder, file types, date taken, minimum width) selects catalog ids
 with one SQL query (``Bundle.filter_ids``); ``search_within`` then restricts the FAISS
-search to them with an ``IDSelectorBatch``, so a filtered search returns k results
+search to them with an ``IDSelectorBitmap``, so a filtered search returns k results
 whenever k indexed images pass, instead of post-filtering a top k into fewer:
 
 * exact indexes (``IDMap2,Flat``) scan only the ids that pass;
@@ -197,6 +197,18 @@ class ImageFilter:
         return ns(self.taken_after), ns(self.taken_before)
 
 
+def id_selector(allowed: np.ndarray) -> faiss.IDSelector:
+    """A FAISS selector of these ids: a bitmap over 0..max id (one bit an id, built by
+    numpy in well under a millisecond for 100k ids, where an ``IDSelectorBatch`` hashes
+    each id: about 8 ms for 50k)."""
+    mask = np.zeros(int(allowed.max()) + 1, dtype=bool)
+    mask[allowed] = True
+    bits = np.packbits(mask, bitorder="little")
+    sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+    sel.bits = bits  # FAISS keeps a pointer: the array must live as long as the selector
+    return sel
+
+
 def _valid(ids: np.ndarray) -> np.ndarray:
     return (ids >= 0).sum(axis=1)
 
@@ -211,7 +223,7 @@ def search_within(
     want = min(k, len(allowed))
     if want == 0 or index.ntotal == 0:
         return np.full((len(q), 0), -np.inf, np.float32), np.full((len(q), 0), -1, np.int64)
-    sel = faiss.IDSelectorBatch(allowed)
+    sel = id_selector(allowed)
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:

@@ -147,6 +147,8 @@ def test_one_percent_filter_returns_exactly_k(filtered) -> None:
     rare = ImageFilter(folder="rare")
     got = engine.text_to_images("anything", k=2, filters=rare)
     assert sorted(_names(got)) == ["000.jpg", "001.png"]
+    # The passing ids are kept for the next page (and the same filter again).
+    assert engine.bundle.filter_ids(rare) is engine.bundle.filter_ids(ImageFilter(folder="rare/"))
     assert all(Path(r.path).parent == photos / "rare" for r in got)
     # Fewer pass than asked: all of them, no padding, nothing from outside.
     assert len(engine.text_to_images("anything", k=10, filters=rare)) == 2
