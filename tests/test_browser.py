@@ -296,3 +296,28 @@ def test_match_labels_and_the_no_good_match_notice(server, browser, demo_bundle)
         assert page.locator(".grid .card").count() == 24  # the closest are still shown
         page.screenshot(path=str(ARTIFACTS / f"no-match-{name.split('-')[-1]}.png"))
         page.close()
+
+
+def test_filter_row_collapsed_on_phones_and_filters_results(server, browser) -> None:
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    page.goto(server + "/?q=a+small+green+star")
+    page.wait_for_selector(".grid img")
+    assert not page.is_visible("#folder")  # collapsed: the results come first
+    page.click(".filters summary")
+    assert page.is_visible("#folder") and page.is_visible("#min_width")
+    page.screenshot(path=str(ARTIFACTS / "filters-phone.png"))
+    page.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/?q=a+small+green+star")
+    page.click(".filters summary")
+    page.select_option("#type", "png")  # every demo image: all 24 stay
+    page.click("form.search button[type=submit]")
+    page.wait_for_selector(".grid img")
+    assert "type=png" in page.url and page.locator(".grid .card").count() == 24
+    assert page.is_visible("#type")  # a filter in force keeps the row open
+    page.fill("#min_width", "100000")  # wider than any demo image: nothing passes
+    page.click("form.search button[type=submit]")
+    page.wait_for_load_state()
+    assert "min_width=100000" in page.url and page.locator(".grid .card").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "filters.png"), full_page=True)
+    page.close()

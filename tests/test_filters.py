@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -328,3 +329,21 @@ def test_cli_search_filters(filtered) -> None:
     assert out.exit_code == 2 and "Invalid value for --before" in out.output, out.output
     out = runner.invoke(main, [*base, "--type", "psd"])
     assert out.exit_code == 2 and "must be one of" in out.output, out.output
+
+
+def test_search_page_filter_row(filtered, tmp_path: Path) -> None:
+    client = _client(filtered[0], tmp_path)
+    page = client.get("/", query_string={"q": "x"}).get_data(as_text=True)
+    assert '<details class="filters">' in page and 'name="folder"' in page  # collapsed
+    page = client.get("/", query_string={"q": "x", "k": 24, "folder": "rare"})
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and html.count("/thumbnail") == 2
+    assert '<details class="filters" open>' in html and 'value="rare"' in html
+    # "Load more" keeps the filters.
+    html = client.get("/", query_string={"q": "x", "k": 2, "type": "png"}).get_data(as_text=True)
+    assert re.search(r'id="more" href="[^"]*type=png', html), html
+    # A bad value is said next to its field, in the page's words.
+    page = client.get("/", query_string={"q": "x", "min_width": "0"})
+    html = page.get_data(as_text=True)
+    assert page.status_code == 400 and 'id="min_width-error"' in html
+    assert "Min width must be a whole number of pixels" in html

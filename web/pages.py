@@ -23,13 +23,15 @@ from flask import (
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.images import ImageDecodeError
-from xmodal.search.engine import MAX_K, QueryError
+from xmodal.search.engine import MAX_K, ImageFilter, QueryError
 from xmodal.search.matching import good_match
 
 from . import MAX_CATALOG_ID
 from .api import (
+    FILTER_PARAMS,
     BadParameter,
     error_status,
+    filter_params,
     float_param,
     http_error_message,
     int_param,
@@ -46,7 +48,16 @@ from .uploads import UploadExpired
 bp = Blueprint("pages", __name__)
 
 # What the pages call their fields, for errors shown next to them in people's words.
-FIELD_LABELS = {"k": "Results", "min_score": "Min similarity", "offset": "The result to start from"}
+FIELD_LABELS = {
+    "k": "Results",
+    "min_score": "Min similarity",
+    "offset": "The result to start from",
+    "folder": "Folder",
+    "type": "Type",
+    "taken_after": "Taken from",
+    "taken_before": "Taken before",
+    "min_width": "Min width",
+}
 IMAGE_PAGE_CAPTIONS = 10  # captions the search-by-image page shows at most
 DETAIL_SIMILAR = 12  # "more like this" images on an image's page
 
@@ -67,13 +78,20 @@ def search() -> tuple[str, int] | str:
         "k": request.args.get("k", ""),
         "min_score": request.args.get("min_score", ""),
         "field_errors": {},
+        # The filter row: what was asked, and the types it offers.
+        "filters": {name: request.args.get(name, "") for name in FILTER_PARAMS},
+        "filter_types": ImageFilter.known_types(),
     }
+    # Collapsed (a phone's first screen stays short) unless a filter is set.
+    ctx["filters_open"] = any(ctx["filters"].values())
     if not q.strip():
         return render_template("search.html", results=None, **ctx)
     try:
         k = k_param()
         offset = offset_param(k)
-        results = service().text_to_images(q, k, float_param("min_score"), rerank, offset=offset)
+        results = service().text_to_images(
+            q, k, float_param("min_score"), rerank, offset=offset, filters=filter_params()
+        )
     except BadParameter as exc:
         if exc.param in FIELD_LABELS:
             ctx["field_errors"] = {exc.param: f"{FIELD_LABELS[exc.param]} {exc.problem}."}
@@ -86,6 +104,7 @@ def search() -> tuple[str, int] | str:
     next_url = None
     if more is not None:
         args = {key: ctx[key] for key in ("q", "k", "min_score") if ctx[key] != ""}
+        args.update({key: value for key, value in ctx["filters"].items() if value})
         if rerank is not None:
             args["rerank"] = int(rerank)
         next_url = url_for("pages.search", **args, offset=more)
