@@ -321,3 +321,26 @@ def test_filter_row_collapsed_on_phones_and_filters_results(server, browser) -> 
     assert "min_width=100000" in page.url and page.locator(".grid .card").count() == 0
     page.screenshot(path=str(ARTIFACTS / "filters.png"), full_page=True)
     page.close()
+
+
+def test_folder_and_date_filters_in_the_page(server, browser, demo_bundle) -> None:
+    # The demo images sit in one indexed folder and were all written today.
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/?q=a+small+green+star&k=12")
+    cases = [
+        ("#folder", str(demo_bundle[0] / "images" / "test"), 12),  # the indexed root itself
+        ("#folder", "elsewhere", 0),  # no such subfolder under it
+        ("#taken_after", "2001-01-01", 12),
+        ("#taken_before", "2001-01-01", 0),
+    ]
+    for selector, value, shown in cases:
+        page.goto(server + "/?q=a+small+green+star&k=12")
+        page.click(".filters summary")
+        page.fill(selector, value)
+        page.click("form.search button[type=submit]")
+        page.wait_for_load_state()
+        assert f"{selector[1:]}=" in page.url
+        assert page.locator(".grid .card").count() == shown, (selector, value)
+        if not shown:
+            assert "No images" in page.inner_text("main")
+    page.close()
