@@ -68,6 +68,7 @@ bench: $(STAMP) $(DEMO)/test.jsonl
 	$(BIN)/xmodal index $(DEMO)/images/test --captions $(DEMO)/test.jsonl --bundle $(BUNDLE)
 	$(BIN)/python bench/serve_load.py --bundle $(BUNDLE)
 	$(BIN)/python bench/rerank_latency.py --bundle $(BUNDLE)
+	$(BIN)/python bench/page_latency.py --bundle $(BUNDLE)
 
 clean-demo:
 	rm -rf $(DEMO)
