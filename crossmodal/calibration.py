@@ -66,11 +66,6 @@ class Calibration:
     fusion_weight: float | None = None  # w the reranked fit assumes
     fitted_on: dict[str, Any] = field(default_factory=dict)  # data, counts, ECE
 
-    def probability(self, score: float, reranked: bool) -> float | None:
-        """Match probability of a result's ranking score (None: nothing fitted for it)."""
-        fit = self.reranked if reranked else self.cosine
-        return None if fit is None else fit(score)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         doc = asdict(self)

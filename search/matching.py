@@ -23,7 +23,8 @@ from xmodal.crossmodal.calibration import (
 )
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import DataError
-from xmodal.crossmodal.loading import LOCAL_DIR
+
+from .rerank import model_folder
 
 if TYPE_CHECKING:
     from .engine import Result
@@ -37,9 +38,9 @@ GOOD_LABEL = LABEL_BANDS[0][0]
 def calibration_paths(bundle_path: Path, encoder: Encoder) -> list[Path]:
     """Where a calibration may be, first found first used: the bundle, the model folder."""
     paths = [bundle_path / CALIBRATION_FILE]
-    pretrained = encoder.identity.pretrained or ""
-    if pretrained.startswith(LOCAL_DIR):
-        paths.append(Path(pretrained.removeprefix(LOCAL_DIR)) / CALIBRATION_FILE)
+    model = model_folder(encoder)
+    if model is not None:
+        paths.append(model / CALIBRATION_FILE)
     return paths
 
 

@@ -39,12 +39,18 @@ IDENTITY_FIELDS = ("name", "sha256", "embed_dim")
 LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
 
 
+def model_folder(encoder: Encoder) -> Path | None:
+    """The folder a ``local-dir:`` encoder was loaded from (None for tags and files)."""
+    pretrained = encoder.identity.pretrained or ""
+    return Path(pretrained.removeprefix(LOCAL_DIR)) if pretrained.startswith(LOCAL_DIR) else None
+
+
 def _folder(encoder: Encoder) -> Path | None:
     """``<model folder>/reranker`` when the encoder came from a folder that has one."""
-    pretrained = encoder.identity.pretrained or ""
-    if not pretrained.startswith(LOCAL_DIR):
+    model = model_folder(encoder)
+    if model is None:
         return None
-    folder = Path(pretrained.removeprefix(LOCAL_DIR)) / "reranker"
+    folder = model / "reranker"
     return folder if (folder / CONFIG_FILE).is_file() else None
 
 
