@@ -71,8 +71,7 @@ from .catalog import (
 # bundles only through this module).
 from .filters import FilterError, ImageFilter, search_within
 from .stores import FAISS as FAISS_STORE
-from .stores import StoreError, VectorStore, open_store
-from .stores import scheme as store_scheme
+from .stores import StoreError, VectorStore, open_store, store_kind
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -244,7 +243,7 @@ def _parse_index(kind: str, value: Any) -> IndexInfo:
         if info.file is not None:
             raise _Malformed(f"{where} names both a file and a vector store")
         try:
-            if store_scheme(info.store) == FAISS_STORE:
+            if store_kind(info.store) == FAISS_STORE:
                 raise _Malformed(f"{where}.store names no database store: {info.store!r}")
         except StoreError as exc:
             raise _Malformed(f"{where}.store: {exc}") from exc

@@ -98,10 +98,10 @@ def _warn_model_advice(bundle: Any, db_url: str | None = None) -> None:
 
 def _check_vector_store(url: str | None) -> None:
     """Refuse an unknown --vector-store URL before a model is loaded."""
-    from xmodal.indexer.stores import StoreError, scheme
+    from xmodal.indexer import StoreError, store_kind
 
     try:
-        scheme(url)
+        store_kind(url)
     except StoreError as exc:
         raise click.BadParameter(str(exc), param_hint="--vector-store") from None
 

@@ -13,7 +13,7 @@ from .base import (
     VectorStore,
     kind_store_url,
     public_store_url,
-    scheme,
+    store_kind,
 )
 
 
@@ -22,7 +22,7 @@ def open_store(url: str, dim: int, create: bool = False) -> VectorStore:
 
     FAISS is not opened here: its index files belong to the bundle (``bundle.load_index``).
     """
-    which = scheme(url)
+    which = store_kind(url)
     if which == "milvus":
         from .milvus_store import MilvusStore
 
@@ -41,5 +41,5 @@ __all__ = [
     "kind_store_url",
     "open_store",
     "public_store_url",
-    "scheme",
+    "store_kind",
 ]

@@ -69,7 +69,7 @@ class VectorStore(Protocol):
         """Release connections."""
 
 
-def scheme(url: str | None) -> str:
+def store_kind(url: str | None) -> str:
     """The store kind a URL names: 'faiss', 'milvus' or 'pgvector' (StoreError otherwise)."""
     if not url or url == FAISS:
         return FAISS
@@ -120,7 +120,7 @@ def _check_name(name: str, url: str) -> str:
 
 def kind_store_url(base: str, kind: str, bundle_id: str | None) -> str:
     """The URL of one kind's collection or table under a ``--vector-store`` URL."""
-    which = scheme(base)
+    which = store_kind(base)
     if which == FAISS:
         return FAISS
     default = NAME_PREFIX + (bundle_id or "bundle")
