@@ -426,6 +426,8 @@ def verify(
     - every vector in the index files is finite and of unit length
     - FAISS ids and catalog ids (indexed rows with vectors) are the same set, without
       duplicates
+    - each vector store the manifest names (Milvus, pgvector) answers, holds the
+      catalog's ids (checked as FAISS ids are) and, on a sample, the catalog's own vectors
     - on a sample, exact indexes hold the catalog's own vectors
     - token caches have one width per kind, rows of the right size, and only indexed
       owners
