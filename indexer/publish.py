@@ -167,6 +167,8 @@ def sync_store(
         for i in range(0, len(missing), 20_000):
             ids = missing[i : i + 20_000]
             store.add(ids, stored_vectors(engine, kind, ids, dim))
+        if len(out) or len(missing):
+            store.flush()
         described = store.describe()
         info = IndexInfo(
             file=None, factory=described["factory"], count=len(want), store=described["store"]

@@ -47,6 +47,10 @@ class VectorStore(Protocol):
     def remove(self, ids: np.ndarray) -> None:
         """Drop ids (absent ones are ignored)."""
 
+    def flush(self) -> None:
+        """Make what was added searchable at full speed (Milvus seals its segments,
+        pgvector builds the HNSW index a bulk load deferred); publication calls it."""
+
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

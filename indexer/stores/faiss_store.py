@@ -33,6 +33,9 @@ class FaissStore:
         """Drop ids."""
         ann.remove(self.index, np.asarray(ids, np.int64))
 
+    def flush(self) -> None:
+        """Nothing to do: FAISS searches what it was given at once."""
+
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

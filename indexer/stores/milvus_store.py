@@ -25,6 +25,9 @@ INSERT_BATCH = 5000  # rows sent per insert call (gRPC messages stay well under 
 FILTER_IDS_MAX = 100_000  # allowed ids written into one filter expression
 ID_RANGE = 10_000  # ids asked per listing query (under Milvus's 16384-row query window)
 LITE_LOGGER = "milvus_lite.server_manager"  # logs a traceback of its own on a failed start
+# Milvus Lite's in-process gRPC server logs a traceback for each call it does not implement
+# (AllocTimestamp, which pymilvus tries first and then does without).
+GRPC_SERVER_LOGGER = "grpc._server"
 
 
 @contextlib.contextmanager
@@ -73,6 +76,7 @@ class MilvusStore:
                     )
                 with _quiet_lite():
                     self.client = MilvusClient(prefix)
+                logging.getLogger(GRPC_SERVER_LOGGER).setLevel(logging.CRITICAL)
             else:
                 token = f"{parts.username}:{parts.password}" if parts.username else ""
                 self.client = MilvusClient(
@@ -129,12 +133,22 @@ class MilvusStore:
             chunk = [int(i) for i in ids[start : start + INSERT_BATCH]]
             self._call("delete", self.client.delete, self.collection, ids=chunk)
 
+    def flush(self) -> None:
+        """Seal what was inserted (Milvus Lite searches unsealed rows about 50x slower)."""
+        self._call("flush", self.client.flush, self.collection)
+
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Inner-product search (Milvus's IP distance is the score), padded to k."""
         q = np.ascontiguousarray(queries, np.float32)
-        kwargs: dict[str, Any] = {"limit": min(k, 16384), "output_fields": ["id"]}
+        # Bounded staleness (Milvus's default) for queries: publication flushed before
+        # the manifest named the collection; Strong would wait on every query.
+        kwargs: dict[str, Any] = {
+            "limit": min(k, 16384),
+            "output_fields": ["id"],
+            "consistency_level": "Bounded",
+        }
         if self.index_type == "HNSW":
             kwargs["search_params"] = {"metric_type": "IP", "params": {"ef": max(k, EF_SEARCH)}}
         if allowed_ids is not None:

@@ -23,6 +23,7 @@ from .base import CONNECT_TIMEOUT_S, StoreError, pad, public_store_url
 EF_SEARCH = 100  # hnsw.ef_search (raised to k when k is larger; pgvector's cap is 1000)
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64  # pgvector's defaults, named
 ITERATIVE_SCAN_VERSION = (0, 8)  # pgvector that can keep scanning until a filter has k
+BUILD_MEMORY = "1GB"  # maintenance_work_mem for that build (a graph in memory builds fast)
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -49,6 +50,7 @@ class PgvectorStore:
             raise StoreError(f"vector store {self.url} names no table")
         conninfo = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(query)))
         self._lock = threading.Lock()  # one connection, one statement at a time
+        self._deferred = False  # the HNSW index is dropped until flush() (a bulk load)
         self._psycopg = psycopg
         try:
             self.conn = psycopg.connect(
@@ -69,15 +71,19 @@ class PgvectorStore:
                     f'CREATE TABLE IF NOT EXISTS "{self.table}" '
                     f"(id bigint PRIMARY KEY, embedding vector({dim}) NOT NULL)"
                 )
-                self.conn.execute(
-                    f'CREATE INDEX IF NOT EXISTS "{self.table}_hnsw" ON "{self.table}" '
-                    f"USING hnsw (embedding vector_ip_ops) "
-                    f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
-                )
+            if create:  # (again: a run killed during a bulk load left it without)
+                self._create_index(self.conn)
         except StoreError:
             raise
         except psycopg.Error as exc:
             raise self._error(exc, "open") from exc
+
+    def _create_index(self, conn: Any) -> None:
+        conn.execute(
+            f'CREATE INDEX IF NOT EXISTS "{self.table}_hnsw" ON "{self.table}" '
+            f"USING hnsw (embedding vector_ip_ops) "
+            f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
+        )
 
     def _error(self, exc: BaseException, doing: str) -> StoreError:
         text = str(exc).strip().splitlines()
@@ -103,8 +109,28 @@ class PgvectorStore:
                     for i, v in zip(ids, vectors, strict=True):
                         cp.write_row((int(i), v))
 
-        if len(ids):
-            self._run("insert", copy)
+        if not len(ids):
+            return
+        if not self._deferred and self.count == 0:
+            # Inserting row by row into HNSW is slow; building it once after the load is
+            # not (pgvector's advice). flush() builds it.
+            drop = f'DROP INDEX IF EXISTS "{self.table}_hnsw"'
+            self._run("index drop", lambda c: c.execute(drop))
+            self._deferred = True
+        self._run("insert", copy)
+
+    def flush(self) -> None:
+        """Build the HNSW index a bulk load deferred."""
+        if not self._deferred:
+            return
+
+        def build(conn: Any) -> None:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL maintenance_work_mem = '{BUILD_MEMORY}'")
+                self._create_index(conn)
+
+        self._run("index build", build)
+        self._deferred = False
 
     def remove(self, ids: np.ndarray) -> None:
         """Delete ids."""
