@@ -286,3 +286,42 @@ def _moved_store(bundle: Path, tmp_path: Path, dead: str) -> str:
             entry["store"] = public_store_url(kind_store_url(dead, kind, data["bundle_id"]))
     path.write_text(json.dumps(data))
     return str(copy)
+
+
+def test_store_urls_per_kind_and_without_password():
+    assert kind_store_url("milvus://h:19530/photos", "images", "ab") == (
+        "milvus://h:19530/photos_images"
+    )
+    assert kind_store_url("milvus-lite:///data/m.db", "captions", "ab12") == (
+        "milvus-lite:///data/m.db/xmodal_ab12_captions"
+    )
+    pg = kind_store_url("postgresql+psycopg://u:pw@h/db?table=pics", "visual", "ab")
+    assert pg == "postgresql+psycopg://u:pw@h/db?table=pics_visual"
+    assert public_store_url(pg) == "postgresql+psycopg://u@h/db?table=pics_visual"
+    assert (
+        public_store_url("milvus://root:Milvus@h:19530/c_images")
+        == "milvus://root@h:19530/c_images"
+    )
+    assert kind_store_url("faiss", "images", "ab") == "faiss"
+    with pytest.raises(StoreError, match="not a valid collection"):
+        kind_store_url("milvus://h:19530/bad-name", "images", "ab")
+    with pytest.raises(StoreError, match="unknown vector store 'redis://u@h/0'"):
+        kind_store_url("redis://u:pw@h/0", "images", "ab")
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"file": "images.000001.faiss", "store": "milvus://h:1/c_images"}, "both a file"),
+        ({"store": "redis://h/0"}, "unknown vector store"),
+        ({"store": "faiss"}, "names no database store"),
+    ],
+)
+def test_manifest_store_field_is_checked(entry, problem):
+    from xmodal.indexer.bundle import BundleError, Manifest
+
+    model = {"name": "m", "embed_dim": 4}
+    old = Manifest.from_json(json.dumps({"model": model, "indexes": {"images": {}}}))
+    assert old.indexes["images"].store is None  # manifests from before stores: FAISS
+    with pytest.raises(BundleError, match=problem):
+        Manifest.from_json(json.dumps({"model": model, "indexes": {"images": entry}}))
