@@ -32,5 +32,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "ImageFilter": "bundle",
         "FilterError": "bundle",
         "CatalogError": "catalog",
+        # where the vectors live (FAISS files, Milvus, pgvector)
+        "StoreError": "stores",
+        "store_kind": "stores",
     },
 )

@@ -70,6 +70,8 @@ from .catalog import (
 # ImageFilter and FilterError are offered to the search side from here (it reads
 # bundles only through this module).
 from .filters import FilterError, ImageFilter, search_within
+from .stores import FAISS as FAISS_STORE
+from .stores import StoreError, VectorStore, open_store, store_kind
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -102,6 +104,9 @@ class IndexInfo:
     count: int = 0
     params: dict[str, Any] = field(default_factory=dict)  # e.g. {"nprobe": 16}
     sha256: str | None = None  # of the file's bytes, recorded at publication
+    # A database store holding this kind's vectors instead of a file (see indexer.stores):
+    # its URL without password. None (absent from the JSON): FAISS files, as before stores.
+    store: str | None = None
 
 
 def is_ivf_factory(factory: str) -> bool:
@@ -138,8 +143,13 @@ class Manifest:
         return identity.visual_dim if kind == "visual" else identity.embed_dim
 
     def to_json(self) -> str:
-        """Serialised form."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        """Serialised form (an index entry without a store has no ``store`` key, so FAISS
+        bundles are written exactly as before stores existed)."""
+        data = asdict(self)
+        for entry in data["indexes"].values():
+            if entry.get("store") is None:
+                entry.pop("store", None)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -228,7 +238,16 @@ def _parse_index(kind: str, value: Any) -> IndexInfo:
     if info.metric not in METRICS:
         raise _Malformed(f"{where}.metric must be one of {', '.join(METRICS)}: {info.metric!r}")
     info.count = _integer(d.get("count", 0), f"{where}.count", 0)
-    if info.file is None and info.count:
+    info.store = _text(d.get("store"), f"{where}.store", optional=True)
+    if info.store is not None:
+        if info.file is not None:
+            raise _Malformed(f"{where} names both a file and a vector store")
+        try:
+            if store_kind(info.store) == FAISS_STORE:
+                raise _Malformed(f"{where}.store names no database store: {info.store!r}")
+        except StoreError as exc:
+            raise _Malformed(f"{where}.store: {exc}") from exc
+    elif info.file is None and info.count:
         raise _Malformed(f"{where} counts {info.count} vectors but names no file")
     params = _object(d.get("params", {}), f"{where}.params", SEARCH_PARAMS)
     nprobe = params.get("nprobe")
@@ -549,8 +568,12 @@ class Bundle:
                 kind: load_index(self.path, self.manifest.indexes.get(kind, IndexInfo()))
                 for kind in KINDS
             }
-        except CatalogError as exc:
-            self.engine.dispose()
+            self.stores: dict[str, VectorStore] = {}  # kinds whose vectors live in a database
+            for kind, info in self.manifest.indexes.items():
+                if info.store and (dim := self.manifest.dim(kind)):
+                    self.stores[kind] = open_store(info.store, dim)
+        except (CatalogError, StoreError) as exc:
+            self.close()
             raise BundleError(f"{self.path}: {exc}") from exc
         except SQLAlchemyError as exc:  # e.g. a damaged page: "database disk image is malformed"
             self.engine.dispose()
@@ -559,7 +582,7 @@ class Bundle:
                 f"({db_error_text(exc)}); run `xmodal verify --bundle {self.path}`"
             ) from exc
         except BaseException:
-            self.engine.dispose()
+            self.close()
             raise
         self._lock = threading.Lock()
         self._filter_cache: OrderedDict[ImageFilter, np.ndarray] = OrderedDict()
@@ -579,9 +602,13 @@ class Bundle:
         """Raw FAISS search: (scores [Q, k], ids [Q, k]); empty index gives -1 ids.
 
         ``allowed`` (catalog ids, from ``filter_ids``) restricts the search to them inside
-        FAISS, so k come back whenever k of them are indexed."""
-        index = self.indexes.get(kind)
+        FAISS, so k come back whenever k of them are indexed. A kind kept in a database
+        store (Milvus, pgvector) is searched there, padded the same way."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        store = self.stores.get(kind)
+        if store is not None:
+            return store.search(q, k, allowed)
+        index = self.indexes.get(kind)
         if index is None or index.ntotal == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         if allowed is not None:
@@ -811,5 +838,8 @@ class Bundle:
             }
 
     def close(self) -> None:
-        """Release the database connections."""
+        """Release the database connections (catalog and vector stores)."""
+        for store in getattr(self, "stores", {}).values():
+            with contextlib.suppress(StoreError):
+                store.close()
         self.engine.dispose()

@@ -22,6 +22,7 @@ class IndexOptions:
     workers: int = 2
     timeout_s: float = 30.0
     index_factory: str | None = None  # None: chosen by collection size
+    vector_store: str | None = None  # None: where the bundle keeps them (FAISS files at first)
     allow_empty_roots: bool = False
     progress: bool = True
     cache_tokens: bool = False  # keep token features for the cross-attention reranker

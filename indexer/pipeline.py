@@ -798,6 +798,7 @@ class Indexer:
             self.report.run_id,
             self.opts.index_factory,
             self.report.counts,
+            self.opts.vector_store,
         )
 
 

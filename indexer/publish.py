@@ -9,6 +9,13 @@ index can hold their ids. A run that changed nothing publishes no new generation
 
 An index type that cannot remove ids (HNSW) is rebuilt from the stored vectors when ids
 must leave it (see ``ann``); a later run that names no factory keeps a user-chosen one.
+
+A kind kept in a database store (Milvus, pgvector: ``--vector-store``) is synced the
+same way, in place (``sync_store``): ids gone or modified out, missing ones in, from the
+catalog's vectors; the manifest then names the store instead of a file. A run that
+names no store keeps the published one; naming another (``faiss`` included) fills it
+from the catalog. A store that is down stops the run with a StoreError before the
+manifest changes: the catalog keeps every row, and the next run re-syncs.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from .catalog import (
     ImageRow,
     Root,
 )
+from .stores import FAISS, kind_store_url, open_store, public_store_url
 
 
 class PublishError(XmodalError):
@@ -144,6 +152,43 @@ def sync_index(
     return index, factory, params, changed
 
 
+def sync_store(
+    engine: Engine, url: str, kind: str, dim: int, published: IndexInfo
+) -> tuple[IndexInfo, bool]:
+    """Bring one kind's database store in line with the catalog; (its manifest entry,
+    whether anything changed). ``url`` may carry a password; the entry does not."""
+    store = open_store(url, dim, create=True)
+    try:
+        want = _live_ids(engine, kind)
+        have = store.ids()
+        out = np.union1d(np.setdiff1d(have, want), np.intersect1d(have, pending_ids(engine, kind)))
+        store.remove(out)
+        missing = np.setdiff1d(want, np.setdiff1d(have, out))
+        for i in range(0, len(missing), 20_000):
+            ids = missing[i : i + 20_000]
+            store.add(ids, stored_vectors(engine, kind, ids, dim))
+        if len(out) or len(missing):
+            store.flush()
+        described = store.describe()
+        info = IndexInfo(
+            file=None, factory=described["factory"], count=len(want), store=described["store"]
+        )
+    finally:
+        store.close()
+    changed = bool(len(out) or len(missing)) or (published.store, published.factory) != (
+        info.store,
+        info.factory,
+    )
+    return info, changed
+
+
+def _target(manifest: Manifest, kind: str, vector_store: str | None) -> str:
+    """The store a kind's vectors go to: the run's ``--vector-store``, else the published."""
+    if vector_store:
+        return kind_store_url(vector_store, kind, manifest.bundle_id)
+    return manifest.indexes.get(kind, IndexInfo()).store or FAISS
+
+
 def _summary(engine: Engine) -> tuple[dict[str, int], list[str]]:
     """(counts, roots) the manifest records."""
     with Session(engine) as s:
@@ -168,15 +213,31 @@ def publish(
     run_id: int,
     factory: str | None = None,
     counts: Counter | None = None,
+    vector_store: str | None = None,
 ) -> int:
     """Write the next generation (indexes, then manifest); returns its number.
 
     A run that changed nothing (same vectors, counts and roots) writes no index and
     keeps the current generation, so serving processes do not reload for nothing.
     ``counts`` (the run report's) gets a note of each index rebuilt to remove ids.
+    ``vector_store`` (a URL, or 'faiss') moves the vectors there; None keeps the published
+    store.
     """
     # Every kind with a space in this model ("visual" only for two-space models), all
-    # built from the catalog the same way.
+    # built from the catalog the same way: FAISS files, or a database store in place.
+    kinds = {kind: dim for kind in KINDS if (dim := manifest.dim(kind))}
+    targets = {kind: _target(manifest, kind, vector_store) for kind in kinds}
+    if factory and any(t != FAISS for t in targets.values()):
+        raise PublishError(
+            f"--index-factory applies to FAISS indexes, not to the vector store "
+            f"{public_store_url(vector_store or next(t for t in targets.values() if t != FAISS))}"
+        )
+    in_store: dict[str, tuple[IndexInfo, bool]] = {}
+    for kind, dim in kinds.items():
+        if targets[kind] != FAISS:
+            in_store[kind] = sync_store(
+                engine, targets[kind], kind, dim, manifest.indexes.get(kind, IndexInfo())
+            )
     synced = {
         kind: sync_index(
             engine,
@@ -187,11 +248,11 @@ def publish(
             factory,
             counts,
         )
-        for kind in KINDS
-        if (dim := manifest.dim(kind))
+        for kind, dim in kinds.items()
+        if kind not in in_store
     }
     counts, roots = _summary(engine)
-    changed = any(c for *_, c in synced.values())
+    changed = any(c for *_, c in synced.values()) or any(c for _, c in in_store.values())
     if changed or (counts, roots) != (manifest.counts, manifest.roots):
         generation = manifest.generation + 1
         for kind, (index, used, params, _) in synced.items():
@@ -200,6 +261,8 @@ def publish(
             manifest.indexes[kind] = IndexInfo(
                 file=name, factory=used, count=int(index.ntotal), params=params, sha256=sha256
             )
+        for kind, (info, _) in in_store.items():
+            manifest.indexes[kind] = info
         manifest.counts, manifest.roots = counts, roots
         manifest.generation = generation
         manifest.published_run = run_id

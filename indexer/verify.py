@@ -49,6 +49,7 @@ from .catalog import (
     upgrade,
 )
 from .publish import pending_ids, stored_vectors
+from .stores import StoreError, open_store
 
 VECTOR_SAMPLE = 256  # published rows whose vectors are looked up in the index
 NORM_TOLERANCE = 1e-3  # |norm - 1| allowed of a stored unit vector (float32 rounding)
@@ -178,6 +179,9 @@ def _verify_kind(v: _Verification, rows: _KindRows) -> None:
     """The checks of one kind's vectors and index file, in order."""
     _check_catalog_vectors(v, rows)
     info = v.manifest.indexes.get(rows.kind, IndexInfo())
+    if info.store:
+        _check_store(v, rows, info)
+        return
     index = _check_index_file(v, rows, info)
     if index is None:
         return  # nothing loaded to compare with
@@ -369,27 +373,71 @@ def _check_index_vectors(v: _Verification, kind: str, info: IndexInfo, index: An
 def _check_index_ids(
     v: _Verification, rows: _KindRows, info: IndexInfo, faiss_ids: np.ndarray
 ) -> None:
-    """Ids of the index file (sorted) against the catalog's: none unknown, none stale
-    (allowing what an unfinished later run changed), none missing, none twice."""
+    """Ids of the index file or store (sorted) against the catalog's: none unknown, none
+    stale (allowing what an unfinished later run changed), none missing, none twice."""
+    where = info.file or info.store
+    hint = "; re-run `xmodal index` to re-sync the store" if info.store else ""
     if len(np.unique(faiss_ids)) != len(faiss_ids):
-        v.problem(f"{info.file}: duplicate ids")
+        v.problem(f"{where}: duplicate ids")
     unknown = np.setdiff1d(faiss_ids, rows.all_ids)
     stale = np.setdiff1d(np.setdiff1d(faiss_ids, rows.may), unknown)
     missing = np.setdiff1d(rows.must, faiss_ids)
     if len(unknown):
         v.problem(
-            f"{rows.kind}: {len(unknown)} ids in {info.file} have no catalog row "
-            f"({_sample(unknown)})"
+            f"{rows.kind}: {len(unknown)} ids in {where} have no catalog row "
+            f"({_sample(unknown)}){hint}"
         )
     if len(stale):
         v.problem(
-            f"{rows.kind}: {len(stale)} ids in {info.file} are not indexed rows ({_sample(stale)})"
+            f"{rows.kind}: {len(stale)} ids in {where} are not indexed rows "
+            f"({_sample(stale)}){hint}"
         )
     if len(missing):
         v.problem(
             f"{rows.kind}: {len(missing)} indexed catalog rows are missing from "
-            f"{info.file} ({_sample(missing)})"
+            f"{where} ({_sample(missing)}){hint}"
         )
+
+
+@_check(
+    "each vector store the manifest names (Milvus, pgvector) answers, holds the catalog's "
+    "ids (checked as FAISS ids are) and, on a sample, the catalog's own vectors"
+)
+def _check_store(v: _Verification, rows: _KindRows, info: IndexInfo) -> None:
+    """A database store in place of an index file: reachable, same ids as the catalog,
+    and a seeded sample of its vectors equal to the catalog's."""
+    assert info.store is not None
+    repair = "re-run `xmodal index` (it re-syncs the store from the catalog)"
+    try:
+        store = open_store(info.store, rows.dim)
+    except StoreError as exc:
+        v.problem(f"{rows.kind}: {exc}; start the store, then {repair}")
+        return
+    try:
+        ids = store.ids()
+        _check_index_ids(v, rows, info, ids)
+        check = np.setdiff1d(np.intersect1d(rows.must, ids), pending_ids(v.engine, rows.kind))
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(check, min(VECTOR_SAMPLE, len(check)), replace=False))
+        held = store.fetch(sample)
+        want = stored_vectors(v.engine, rows.kind, sample, rows.dim)
+        other = [
+            int(i)
+            for i, w in zip(sample, want, strict=True)
+            if int(i) not in held or not np.allclose(held[int(i)], w, atol=1e-5)
+        ]
+        if other:
+            v.problem(
+                f"{rows.kind}: {info.store} holds other vectors than the catalog for "
+                f"{len(other)} of {len(sample)} sampled ids ({_sample(other)}); {repair}"
+            )
+    except StoreError as exc:
+        v.problem(f"{rows.kind}: {exc}; {repair}")
+        return
+    finally:
+        store.close()
+    v.report.facts[f"{rows.kind}_ids"] = len(ids)
+    v.report.facts[f"{rows.kind}_store"] = info.store
 
 
 @_check("on a sample, exact indexes hold the catalog's own vectors")

@@ -96,6 +96,16 @@ def _warn_model_advice(bundle: Any, db_url: str | None = None) -> None:
         click.echo(f"warning: {printable(advice)}", err=True)
 
 
+def _check_vector_store(url: str | None) -> None:
+    """Refuse an unknown --vector-store URL before a model is loaded."""
+    from xmodal.indexer import StoreError, store_kind
+
+    try:
+        store_kind(url)
+    except StoreError as exc:
+        raise click.BadParameter(str(exc), param_hint="--vector-store") from None
+
+
 @click.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @_bundle_option
@@ -132,6 +142,13 @@ def _warn_model_advice(bundle: Any, db_url: str | None = None) -> None:
     "--index-factory", default=None, help="FAISS factory string (default: by collection size)."
 )
 @click.option(
+    "--vector-store",
+    default=None,
+    help="Where the vectors live: faiss (default), milvus://host:19530/collection, "
+    "milvus-lite:///abs/file.db/collection, or postgresql+psycopg://user@host/db "
+    "(pgvector); a later run that names none keeps the bundle's.",
+)
+@click.option(
     "--max-failures",
     type=click.IntRange(0),
     default=None,
@@ -159,6 +176,7 @@ def index(
     workers: int | None,
     timeout_s: float,
     index_factory: str | None,
+    vector_store: str | None,
     max_failures: int | None,
     allow_empty: bool,
     token_cache_mb: int,
@@ -173,6 +191,7 @@ def index(
 
     if not paths and not caption_files:
         raise click.UsageError("give folders to index and/or --captions files")
+    _check_vector_store(vector_store)
     if (holder := writer_pid(bundle)) is not None:  # refuse before loading a model
         raise click.ClickException(
             f"bundle {bundle} is being indexed by pid {holder}; wait for that run to finish"
@@ -191,6 +210,7 @@ def index(
         workers=default_threads() if workers is None else workers,
         timeout_s=timeout_s,
         index_factory=index_factory,
+        vector_store=vector_store,
         allow_empty_roots=allow_empty,
         progress=not as_json,
         # Token features for the model's cross-attention reranker, if it has one.
@@ -406,6 +426,8 @@ def verify(
     - every vector in the index files is finite and of unit length
     - FAISS ids and catalog ids (indexed rows with vectors) are the same set, without
       duplicates
+    - each vector store the manifest names (Milvus, pgvector) answers, holds the
+      catalog's ids (checked as FAISS ids are) and, on a sample, the catalog's own vectors
     - on a sample, exact indexes hold the catalog's own vectors
     - token caches have one width per kind, rows of the right size, and only indexed
       owners
