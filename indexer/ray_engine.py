@@ -35,10 +35,13 @@ from .engine import Outputs, encode_pass
 from .options import IndexOptions
 from .ray_cluster import RayEngineError, connect, quiet_ray_data
 
-# Decode tasks hold half a CPU: decoding waits on reads, and resources that differ from the
-# actors' keep Ray from fusing decoding into them (decoding then overlaps inference).
-DECODE_TASK_CPUS = 0.5
-ACTOR_CPUS = 1.0  # an encoder actor on CPUs: one CPU, one torch thread
+# On CPUs, one encoder actor per CPU, each on one torch thread but holding 3/4 of a CPU,
+# and as many decode tasks holding the rest: both share the cores, as the local engine's
+# decode workers and inference streams do (an actor per CPU and decoding apart from it
+# would leave no CPU to decode on). Resources that differ keep Ray from fusing decoding
+# into the actors, so decoding overlaps inference.
+ACTOR_CPUS = 0.75
+DECODE_TASK_CPUS = 0.25
 DECODE_BATCH = 16  # files per decode task call: small, so the actors are fed early
 
 
@@ -204,10 +207,17 @@ class RayEngine:
                 f"--gpus-per-worker {per_gpu:g}, but the Ray cluster has {gpus:g} GPUs"
             )
         actors = self.opts.encode_workers or (
-            int(gpus // per_gpu) if per_gpu > 0 else max(1, int(cpus // 2))
+            int(gpus // per_gpu) if per_gpu > 0 else max(1, int(cpus))
         )
         actor_cpus = 1.0 if per_gpu > 0 else ACTOR_CPUS
-        free = max(cpus - actors * actor_cpus, DECODE_TASK_CPUS)
+        # Ray would wait forever for actors (or a decode task) that cannot be placed.
+        if actors * actor_cpus + DECODE_TASK_CPUS > cpus or actors * per_gpu > gpus:
+            raise RayEngineError(
+                f"{actors} encoder actors and a decode task need "
+                f"{actors * actor_cpus + DECODE_TASK_CPUS:g} CPUs and {actors * per_gpu:g} "
+                f"GPUs; the Ray cluster has {cpus:g} and {gpus:g} (see --encode-workers)"
+            )
+        free = cpus - actors * actor_cpus
         decoders = self.opts.decode_workers or max(1, int(free // DECODE_TASK_CPUS))
         return {"actors": actors, "actor_cpus": actor_cpus, "gpus": per_gpu, "decoders": decoders}
 
@@ -219,7 +229,10 @@ class RayEngine:
         ray = self.ray
         quiet_ray_data(ray)
         items = [{"job": pickle.dumps(j, protocol=pickle.HIGHEST_PROTOCOL)} for j in jobs]
-        ds = ray.data.from_items(items).map_batches(
+        # One block per decode call: the tasks then run in parallel and stream to the
+        # actors (from_items alone makes a few large blocks of a small list).
+        blocks = -(-len(items) // DECODE_BATCH)
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             decode_batch,
             fn_kwargs={
                 "preprocess": self.preprocess,
@@ -230,25 +243,33 @@ class RayEngine:
             num_cpus=DECODE_TASK_CPUS,
             compute=ray.data.TaskPoolStrategy(size=int(lay["decoders"])),
         )
-        ds = ds.map_batches(
+        # Only hashing (rename / touch detection): nothing to encode, no actors to start.
+        encode = not all(j.hash_only for j in jobs)
+        out = "encoded" if encode else "decoded"
+        if encode:
+            ds = self._encoders(ds, lay)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for blob in batch[out]:
+                    yield pickle.loads(blob)
+        except ray.exceptions.RayError as exc:
+            raise RayEngineError(f"the Ray pipeline failed: {_cause(exc)}") from None
+
+    def _encoders(self, ds: Any, lay: dict[str, float]) -> Any:
+        """The actor pool stage: decoded images in, their outputs out."""
+        return ds.map_batches(
             EncoderActor,
             fn_constructor_kwargs={
                 "spec": self.spec,
                 "with_tokens": self.with_tokens,
-                "threads": max(1, int(lay["actor_cpus"])),
+                "threads": max(1, round(lay["actor_cpus"])),
                 "gpus": lay["gpus"],
             },
             batch_size=self.opts.batch_size,
             num_cpus=lay["actor_cpus"],
             num_gpus=lay["gpus"] or None,
-            compute=ray.data.ActorPoolStrategy(size=int(lay["actors"])),
+            compute=self.ray.data.ActorPoolStrategy(size=int(lay["actors"])),
         )
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for blob in batch["encoded"]:
-                    yield pickle.loads(blob)
-        except ray.exceptions.RayError as exc:
-            raise RayEngineError(f"the Ray pipeline failed: {_cause(exc)}") from None
 
     def submit(self, decoded: Sequence[Decoded]) -> _Gathered:
         """The batch's outputs, computed by the actors already."""

@@ -197,3 +197,23 @@ def test_unreachable_cluster_and_missing_ray_are_one_line_errors(
     assert "pip install 'xmodal[ray]'" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_actors_get_the_models_identity_and_refuse_other_weights(
+    default_encoder, tiny_checkpoint: Path
+) -> None:
+    from xmodal.crossmodal.encoder import Encoder
+    from xmodal.indexer.ray_cluster import RayEngineError
+    from xmodal.indexer.ray_engine import ModelSpec
+
+    spec = ModelSpec.of(default_encoder)  # a built-in: each node loads its own copy
+    assert (spec.name, spec.pretrained) == ("xmodal-shapes", None)
+    assert spec.sha256 == default_encoder.identity.sha256
+    tiny = ModelSpec.of(Encoder.load("xmodal-tiny", str(tiny_checkpoint)))
+    assert tiny.load("cpu").identity.matches(
+        Encoder.load("xmodal-tiny", str(tiny_checkpoint)).identity
+    )
+    with pytest.raises(RayEngineError, match="not the driver's"):
+        ModelSpec(tiny.name, tiny.pretrained, "0" * 64).load("cpu")
+    with pytest.raises(RayEngineError, match="random weights"):
+        ModelSpec.of(Encoder.load("xmodal-tiny", None))
