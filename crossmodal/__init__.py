@@ -81,6 +81,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         # threads
         "configure_threads": "threads",
         "default_threads": "threads",
+        "ensure_threads_configured": "threads",
         "MAX_THREADS": "threads",
         "THREADS_ENV": "threads",
         "PASS_SIZE": "threads",

@@ -12,6 +12,11 @@ __all__, __getattr__, __dir__ = lazy_exports(
     {
         # running the indexer
         "IndexOptions": "options",
+        "ENGINES": "options",
+        "RAY_LOCAL": "options",
+        "import_ray": "ray_cluster",
+        "check_address": "ray_cluster",
+        "RayEngineError": "ray_cluster",
         "RunReport": "pipeline",
         "IndexRunError": "pipeline",
         "run_index": "pipeline",

@@ -194,6 +194,9 @@ class Decoded:
     mtime_ns: int | None = None
     taken_ns: int | None = None  # EXIF date taken; None without one (the mtime stands in)
     unreadable: bool = False  # the OS refused to read it (permissions, I/O error)
+    # The model's outputs (vectors, tokens, visual) when the engine encodes with the
+    # decoding (Ray); the pixels are then not sent back.
+    encoded: tuple | None = None
 
 
 def content_hash(data: bytes) -> str:

@@ -5,8 +5,9 @@
 2. Walk each root; compare every file with the catalog: unchanged files (same size and
    mtime) cost nothing; changed ones are hashed first when the content may be known
    (a touch, a rename or move, a copy), whose vectors are then reused; the rest are
-   decoded in worker processes and encoded in batches, each batch in passes on the
-   inference streams (``crossmodal.threads``) while this thread goes on routing files.
+   decoded and encoded in batches by the run's engine (``engine``: decode worker processes
+   and inference streams here, or a Ray Data pipeline, ``ray_engine``) while this
+   thread goes on routing files.
 3. Commit every batch to the catalog (rows with their vectors) as it completes, while
    the next one is encoded, so a killed run loses at most two batches and the next run
    resumes from there.
@@ -29,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sqlalchemy import case, delete, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import XmodalError
-from xmodal.crossmodal.threads import InferenceStreams, Passes, inference_streams
 
 from .bundle import (
     BundleError,
@@ -67,7 +66,8 @@ from .catalog import (
     set_catalog_owner,
     utcnow,
 )
-from .decode import Decoded, DecodePool, Job, PixelFormat, draft_size
+from .decode import Decoded, Job
+from .engine import ImageEngine, LocalEngine, Pending
 from .lock import BundleLock, LockHeld
 from .options import IndexOptions
 from .publish import PublishError, publish
@@ -142,8 +142,8 @@ class _RootPass:
     stored_hashes: set[str] = field(default_factory=set)  # of indexed rows, any root
     renamed_from: set[bytes] = field(default_factory=set)  # old paths a rename reused
     pending: list[tuple[Entry, Decoded]] = field(default_factory=list)  # awaiting a batch
-    # The batch being encoded on the streams, committed when the next one is submitted.
-    in_flight: tuple[list[tuple[Entry, Decoded]], Passes] | None = None
+    # The batch being encoded by the engine, committed when the next one is submitted.
+    in_flight: tuple[list[tuple[Entry, Decoded]], Pending] | None = None
     bar: Any = None  # the progress bar while decoding
 
 
@@ -157,9 +157,7 @@ class Indexer:
         self.report = RunReport()
         self.manifest: Manifest | None = None
         self.budget: TokenBudget | None = None  # set when token features are cached
-        # The model's preprocessing split at uint8 pixels (None: the workers run it whole).
-        self.pixel_format = PixelFormat.from_preprocess(encoder.preprocess)
-        self.streams: InferenceStreams | None = None  # while images are encoded
+        self.images: ImageEngine | None = None  # decodes and encodes while images are indexed
 
     # ------------------------------------------------------------------ setup
 
@@ -296,8 +294,20 @@ class Indexer:
         skip = [os.fsencode(self.bundle.resolve())]
         with Session(self.engine) as s, s.begin():
             root_ids = {r: self._root_rows(s, r).id for r in roots}
-        for root in roots:
-            self._index_root(root, root_ids[root], roots, skip)
+        with self._image_engine() as self.images:
+            for root in roots:
+                self._index_root(root, root_ids[root], roots, skip)
+        if self.images.replaced:
+            self.report.counts["workers_replaced"] += self.images.replaced
+
+    def _image_engine(self) -> ImageEngine:
+        """The engine the options name; it starts nothing until there is work."""
+        with_tokens = self.budget is not None
+        if self.opts.engine == "ray":
+            from .ray_engine import RayEngine
+
+            return RayEngine(self.encoder, self.opts, with_tokens)
+        return LocalEngine(self.encoder, self.opts, with_tokens)
 
     def _index_root(self, root: bytes, root_id: int, roots: list[bytes], skip: list[bytes]) -> None:
         """One root, step by step: scan, compare with the catalog, record what the scan
@@ -501,36 +511,24 @@ class Indexer:
     # ------------------------------------------------------------------ decoding
 
     def _process(self, work: _RootPass) -> None:
-        """Hash / decode the queued files in worker processes and route each result to its
+        """Hash / decode the queued files on the engine and route each result to its
         outcome; hashed files that turn out new are decoded in a second pass."""
         total = len(work.hash_jobs) + len(work.full_jobs)
         if total == 0:
             return
+        assert self.images is not None
         work.stored_hashes = self._stored_hashes()
-        pool = DecodePool(
-            self.opts.workers,
-            # Only the pixel format (or the transform) travels to the workers.
-            self.pixel_format or self.encoder.preprocess,
-            draft=draft_size(self.encoder.image_size),
-            timeout_s=self.opts.timeout_s,
-        )
         work.bar = tqdm(
             total=total, desc="images", unit="img", disable=not self.opts.progress, smoothing=0.1
         )
-        with pool, inference_streams() as self.streams:
-            try:
-                retry: list[Job] = []
-                for d in pool.run(work.hash_jobs):
-                    self._handle(work, d, retry)
-                for d in pool.run(work.full_jobs + retry):
-                    self._handle(work, d, [])
-                self._encode_pending(work)
-                self._commit_in_flight(work)
-            finally:
-                self.streams = None
+        retry: list[Job] = []
+        for d in self.images.run(work.hash_jobs):
+            self._handle(work, d, retry)
+        for d in self.images.run(work.full_jobs + retry):
+            self._handle(work, d, [])
+        self._encode_pending(work)
+        self._commit_in_flight(work)
         work.bar.close()
-        if pool.killed:
-            self.report.counts["workers_replaced"] += pool.killed
 
     def _stored_hashes(self) -> set[str]:
         """Content hashes of every indexed row (any root): a copy of one reuses its vector."""
@@ -557,7 +555,7 @@ class Indexer:
             self._moved(work, e, work.vanished_by_hash.pop(d.content_hash), d)
         elif d.content_hash in work.stored_hashes and self._reuse_copy(work.root_id, e, row, d):
             pass  # a copy of indexed bytes: indexed with the stored vector
-        elif d.pixels is None:  # hashed only, and new content after all: decode it
+        elif d.pixels is None and d.encoded is None:  # hashed only, new content: decode it
             retry.append(Job(d.key, e.path))
             return
         else:
@@ -658,38 +656,18 @@ class Indexer:
         return True
 
     def _encode_pending(self, work: _RootPass) -> None:
-        """Submit the decoded files waiting in ``work.pending`` to the streams as one batch,
+        """Submit the decoded files waiting in ``work.pending`` to the engine as one batch,
         then commit the batch encoded before it: the catalog writes overlap inference."""
-        assert self.streams is not None
+        assert self.images is not None
         batch, work.pending = work.pending, []
         submitted = None
         if batch:
-            submitted = (batch, self.streams.submit(self._encode_pass, [d for _, d in batch]))
+            submitted = (batch, self.images.submit([d for _, d in batch]))
         self._commit_in_flight(work)
         work.in_flight = submitted
 
-    def _encode_pass(
-        self, decoded: list[Decoded]
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """One pass on a stream: pixels -> (joint vectors, token features or None, visual
-        vectors or None). Runs off the main thread; touches no catalog."""
-        arrays = [d.pixels for d in decoded]
-        if self.pixel_format is not None:
-            pixels = self.pixel_format.to_tensor(arrays)
-        else:
-            pixels = torch.from_numpy(np.stack(arrays))
-        tokens = visual = None
-        if self.budget is not None:
-            vectors, toks = self.encoder.image_tokens(pixels)
-            tokens = toks.half().numpy()
-            if self.encoder.visual_dim:  # a second pass; no built-in model has both
-                visual = self.encoder.encode_image_spaces(pixels)[1]
-        else:
-            vectors, visual = self.encoder.encode_image_spaces(pixels)
-        return vectors, tokens, visual
-
     def _commit_in_flight(self, work: _RootPass) -> None:
-        """Wait for the batch on the streams, if any, and commit its rows (with vectors,
+        """Wait for the batch on the engine, if any, and commit its rows (with vectors,
         and token features when they are cached) together."""
         if work.in_flight is None:
             return
@@ -701,7 +679,7 @@ class Indexer:
         visual_rows = [_vector_bytes(u) for u in visual] if visual is not None else [None] * n
         with Session(self.engine) as s, s.begin():
             for (e, d), v, t, u in zip(batch, vectors, token_rows, visual_rows, strict=True):
-                d.pixels = None  # encoded: the catalog holds what is kept
+                d.pixels = d.encoded = None  # encoded: the catalog holds what is kept
                 self._upsert(
                     s,
                     work.root_id,

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 # Both cheap to import (no torch, no Flask): the options' ranges and defaults.
-from xmodal.indexer.options import IndexOptions
+from xmodal.indexer.options import ENGINES, RAY_LOCAL, IndexOptions
 from xmodal.search.limits import DEFAULT_K, DEFAULT_RERANK_K, MAX_K, MAX_RERANK_K
 from xmodal.web import DEFAULTS as WEB_DEFAULTS
 
@@ -164,6 +164,41 @@ def _check_vector_store(url: str | None) -> None:
     show_default=True,
     help="Bound on the reranker's token caches in the bundle (0: recompute at query time).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default=IndexOptions.engine,
+    show_default=True,
+    help="Where images are decoded and encoded: this machine, or a Ray cluster "
+    "(pip install 'xmodal[ray]').",
+)
+@click.option(
+    "--ray-address",
+    default=RAY_LOCAL,
+    show_default=True,
+    help="--engine ray: local (a Ray instance for this run, on 127.0.0.1), auto (the "
+    "running cluster), HOST:PORT of a head, or ray://HOST:PORT.",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=FiniteFloat(0.0),
+    default=IndexOptions.gpus_per_worker,
+    show_default=True,
+    help="--engine ray: GPUs each encoder actor holds (0: encode on CPUs).",
+)
+@click.option(
+    "--decode-workers",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="--engine ray: concurrent decode tasks (default: the CPUs the encoders leave).",
+)
+@click.option(
+    "--encode-workers",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="--engine ray: encoder actors, each loading the model once (default: one per "
+    "--gpus-per-worker GPUs, else one per two CPUs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 def index(
     paths: tuple[Path, ...],
@@ -180,6 +215,11 @@ def index(
     max_failures: int | None,
     allow_empty: bool,
     token_cache_mb: int,
+    engine: str,
+    ray_address: str,
+    gpus_per_worker: float,
+    decode_workers: int | None,
+    encode_workers: int | None,
     as_json: bool,
 ) -> None:
     """Index photo folders and caption files into a bundle (incremental)."""
@@ -192,6 +232,11 @@ def index(
     if not paths and not caption_files:
         raise click.UsageError("give folders to index and/or --captions files")
     _check_vector_store(vector_store)
+    if engine == "ray":  # refuse before loading a model
+        from xmodal.indexer.ray_cluster import check_address, import_ray
+
+        import_ray()
+        check_address(ray_address)
     if (holder := writer_pid(bundle)) is not None:  # refuse before loading a model
         raise click.ClickException(
             f"bundle {bundle} is being indexed by pid {holder}; wait for that run to finish"
@@ -216,6 +261,11 @@ def index(
         # Token features for the model's cross-attention reranker, if it has one.
         cache_tokens=reranker_folder(encoder) is not None and token_cache_mb > 0,
         token_cache_mb=token_cache_mb,
+        engine=engine,
+        ray_address=ray_address,
+        gpus_per_worker=gpus_per_worker,
+        decode_workers=decode_workers,
+        encode_workers=encode_workers,
     )
     report = run_index(encoder, opts)
     c = report.counts
