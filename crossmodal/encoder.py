@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from open_clip.transformer import text_global_pool
 
 from .loading import LoadedModel, ModelIdentity, load_model
 from .threads import configure_threads, ensure_threads_configured
@@ -169,13 +170,19 @@ class Encoder:
             m.text.output_tokens = True
             pooled, tokens = m.text(ids)
             return pooled, tokens
-        # Built-in CLIP: encode_text drops the token features, so run its steps here.
+        # Built-in CLIP: encode_text drops the token features, so run its steps here once
+        # and pool from them (calling encode_text as well ran the transformer twice).
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(ids).to(cast) + m.positional_embedding.to(cast)
         x = m.transformer(x, attn_mask=m.attn_mask)
         tokens = m.ln_final(x)  # [B, L, W]
-        pooled = m.encode_text(ids)
-        return pooled, tokens
+        pooled = text_global_pool(
+            tokens, ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None)
+        )  # [B, W]
+        if m.text_projection is not None:
+            proj = m.text_projection
+            pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+        return pooled, tokens  # [B, D], [B, L, W]
 
     def _sorted_batches(self, texts: Sequence[str], batch_size: int) -> list[list[int]]:
         # Similar lengths together: less padding per batch.

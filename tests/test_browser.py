@@ -181,8 +181,10 @@ def test_real_server_answers_413_with_json(server) -> None:
 def test_load_more_appends_as_you_scroll(server, browser) -> None:
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(server + "/?q=a+small+yellow+cross")
-    assert page.locator(".grid .card").count() == 24
-    first_ids = page.eval_on_selector_all(".grid .card a", "as => as.map(a => a.href)")
+    # The second page may already be on its way: the link sits within the observer's 400 px
+    # margin on a tall screen, so only the first 24 cards are compared.
+    first_ids = page.eval_on_selector_all(".grid .card a", "as => as.map(a => a.href)")[:24]
+    assert len(first_ids) == 24
     for shown in (48, 60):  # the demo bundle holds 60 images, 24 a page
         page.mouse.wheel(0, 20000)
         page.wait_for_function(f"() => document.querySelectorAll('.grid .card').length >= {shown}")

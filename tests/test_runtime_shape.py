@@ -175,3 +175,25 @@ def test_loading_helpers_are_public(tmp_path: Path) -> None:
     with quiet_model_build():
         assert logging.root.manager.disable >= logging.WARNING
     assert logging.root.manager.disable == before
+
+
+def test_text_query_runs_the_text_tower_once_and_matches_encode_text(tiny_checkpoint) -> None:
+    """One text-tower pass gives both the pooled embedding and the token features, and the
+    pooled one is open_clip's own encode_text (a second pass doubled query latency)."""
+    import torch.nn.functional as F
+
+    encoder = Encoder.load("xmodal-tiny", str(tiny_checkpoint))
+    texts = ["a red circle", "a large blue star to the left of a small green heart"]
+    calls = []
+    hook = encoder.model.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        emb, tokens, mask = encoder.text_tokens(texts)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    with torch.inference_mode():
+        ids = encoder.tokenize(texts)
+        ref = F.normalize(encoder.model.encode_text(ids).float(), dim=-1).numpy()
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_texts(texts), ref, atol=1e-5)
+    assert tokens.shape[:2] == mask.shape and mask.sum(dim=1).min() > 0
