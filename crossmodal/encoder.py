@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from open_clip.transformer import text_global_pool
+from PIL import Image
 
 from .loading import LoadedModel, ModelIdentity, load_model
 from .threads import configure_threads, ensure_threads_configured
