@@ -50,6 +50,16 @@ class Encoder:
             self.pad_id = int(self.text_tower.config.pad_token_id or 0)
         else:
             self.pad_id = 0  # open_clip's SimpleTokenizer pads with 0
+        m = self.model
+        # A built-in CLIP tower with a causal mask, pooled at the end token: a position sees
+        # only those before it, so trailing padding changes nothing and can be cut (a short
+        # query on a 77-token context is mostly padding).
+        self.trim_text = (
+            not self.hf_text
+            and self.text_tower is None
+            and getattr(m, "attn_mask", None) is not None
+            and getattr(m, "text_pool_type", None) == "argmax"
+        )
 
     @classmethod
     def load(cls, name: str | None = None, pretrained: str | None = None) -> Encoder:
@@ -150,9 +160,10 @@ class Encoder:
     # ------------------------------------------------------------------ texts
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Strings -> [B, L] token ids, trailing all-padding columns trimmed for HF towers."""
+        """Strings -> [B, L] token ids, trailing all-padding columns trimmed where that is exact
+        (HF towers, which mask padding; causal CLIP towers pooled at the end token)."""
         ids = self.tokenizer(list(texts))
-        if self.hf_text and ids.shape[0] > 0:
+        if (self.hf_text or self.trim_text) and ids.shape[0] > 0:
             # HF towers mask padding themselves, so the columns past the longest text are
             # pure cost (a 64-token context vs ~20-token captions: 3x the work).
             longest = int((ids != self.pad_id).sum(dim=1).max())
@@ -173,8 +184,10 @@ class Encoder:
         # Built-in CLIP: encode_text drops the token features, so run its steps here once
         # and pool from them (calling encode_text as well ran the transformer twice).
         cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(ids).to(cast) + m.positional_embedding.to(cast)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        n = ids.shape[1]  # <= the context length once trailing padding is trimmed
+        x = m.token_embedding(ids).to(cast) + m.positional_embedding[:n].to(cast)
+        mask = m.attn_mask[:n, :n] if m.attn_mask is not None else None
+        x = m.transformer(x, attn_mask=mask)
         tokens = m.ln_final(x)  # [B, L, W]
         pooled = text_global_pool(
             tokens, ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None)

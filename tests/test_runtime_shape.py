@@ -179,7 +179,8 @@ def test_loading_helpers_are_public(tmp_path: Path) -> None:
 
 def test_text_query_runs_the_text_tower_once_and_matches_encode_text(tiny_checkpoint) -> None:
     """One text-tower pass gives both the pooled embedding and the token features, and the
-    pooled one is open_clip's own encode_text (a second pass doubled query latency)."""
+    pooled one is open_clip's own encode_text on the untrimmed context (a second pass
+    doubled query latency; the trailing padding cut is exact under the causal mask)."""
     import torch.nn.functional as F
 
     encoder = Encoder.load("xmodal-tiny", str(tiny_checkpoint))
@@ -192,8 +193,10 @@ def test_text_query_runs_the_text_tower_once_and_matches_encode_text(tiny_checkp
         hook.remove()
     assert len(calls) == 1
     with torch.inference_mode():
-        ids = encoder.tokenize(texts)
-        ref = F.normalize(encoder.model.encode_text(ids).float(), dim=-1).numpy()
+        full = encoder.tokenizer(texts)  # the whole 77-token context, padding included
+        ref = F.normalize(encoder.model.encode_text(full).float(), dim=-1).numpy()
     np.testing.assert_allclose(emb, ref, atol=1e-5)
     np.testing.assert_allclose(encoder.encode_texts(texts), ref, atol=1e-5)
     assert tokens.shape[:2] == mask.shape and mask.sum(dim=1).min() > 0
+    assert encoder.trim_text and mask.shape[1] < full.shape[1]  # the padding was cut
+    assert mask[1].all()  # the longest text fills the trimmed width
