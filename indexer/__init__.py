@@ -26,6 +26,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "MAX_FILE_BYTES": "decode",
         "verify_bundle": "verify",
         "VerifyReport": "verify",
+        "parse_memory": "compressed",
+        "MemoryBudgetError": "compressed",
         # the bundle contract (what search reads)
         "Bundle": "bundle",
         "BundleError": "bundle",

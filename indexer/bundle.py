@@ -69,6 +69,7 @@ from .catalog import (
 
 # ImageFilter and FilterError are offered to the search side from here (it reads
 # bundles only through this module).
+from .compressed import is_compressed, rerank_shortlist
 from .filters import FilterError, ImageFilter, search_within
 from .stores import FAISS as FAISS_STORE
 from .stores import StoreError, VectorStore, open_store, store_kind
@@ -88,7 +89,9 @@ class BundleError(XmodalError):
 
 
 METRICS = ("inner_product",)  # unit vectors: inner product is the cosine
-SEARCH_PARAMS = ("nprobe",)  # index fields the manifest may set at load
+# Index fields the manifest may set at load: nprobe; for a compressed (PQ) index the
+# shortlist factor reranked exactly, and what publication measured (tuned recall, bytes).
+SEARCH_PARAMS = ("nprobe", "k_factor", "tuned_recall", "estimated_bytes")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 BUNDLE_ID_HEX = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
 HASH_CHUNK = 1 << 20  # bytes read at a time when hashing an index file
@@ -257,6 +260,8 @@ def _parse_index(kind: str, value: Any) -> IndexInfo:
             raise _Malformed(
                 f"{where}.params.nprobe is set but {info.factory!r} has no inverted lists"
             )
+    if params.get("k_factor") is not None:
+        _integer(params["k_factor"], f"{where}.params.k_factor", 1)
     info.params = dict(params)
     info.sha256 = _text(d.get("sha256"), f"{where}.sha256", optional=True, pattern=SHA256_HEX)
     return info
@@ -611,9 +616,20 @@ class Bundle:
         index = self.indexes.get(kind)
         if index is None or index.ntotal == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        info = self.manifest.indexes[kind]
+        k_factor = int(info.params.get("k_factor", 1)) if is_compressed(info.factory) else 1
+        # A compressed index's codes are lossy: a k x k_factor shortlist from FAISS, then
+        # exact scores from the catalog's stored vectors give the top k.
+        wanted = min(k * k_factor, index.ntotal)
         if allowed is not None:
-            return search_within(index, q, min(k, index.ntotal), allowed)
-        return index.search(q, min(k, index.ntotal))
+            found = search_within(index, q, wanted, allowed)
+        else:
+            found = index.search(q, wanted)
+        if k_factor == 1:
+            return found
+        return rerank_shortlist(
+            q, found[1], min(k, index.ntotal), lambda ids: self.vectors(kind, ids.tolist())
+        )
 
     def filter_ids(self, flt: ImageFilter) -> np.ndarray:
         """Ids of the indexed images that pass a filter (int64, ascending), in one query.

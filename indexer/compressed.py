@@ -147,6 +147,33 @@ def is_compressed(factory: str | None) -> bool:
     return bool(factory) and bool(re.search(r"(^|,)PQ\d", factory or ""))
 
 
+def rerank_shortlist(
+    queries: np.ndarray,
+    found: np.ndarray,
+    k: int,
+    exact_vectors: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score an ANN shortlist exactly: (scores [Q, k], ids [Q, k]), best first.
+
+    ``found`` [Q, k'] are the shortlist's ids (-1 where FAISS had none); rows with fewer
+    than ``k`` candidates are padded with -inf scores and -1 ids, as FAISS pads.
+    ``exact_vectors(ids)`` returns the stored float32 vectors of ``ids`` in that order.
+    """
+    queries = np.ascontiguousarray(queries, np.float32)
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    ids = np.full((len(queries), k), -1, np.int64)
+    unique = np.unique(found[found >= 0])
+    if len(unique) == 0:
+        return scores, ids
+    table = np.asarray(exact_vectors(unique), np.float32)  # [U, D]
+    for r, (query, row) in enumerate(zip(queries, found, strict=True)):
+        cand = np.unique(row[row >= 0])  # sorted: rows of ``table`` by searchsorted
+        exact = table[np.searchsorted(unique, cand)] @ query  # [C]
+        top = np.argsort(-exact, kind="stable")[:k]
+        scores[r, : len(top)], ids[r, : len(top)] = exact[top], cand[top]
+    return scores, ids
+
+
 def search_reranked(
     index: faiss.Index,
     queries: np.ndarray,
@@ -161,17 +188,8 @@ def search_reranked(
     """
     queries = np.ascontiguousarray(queries, np.float32)
     _, found = index.search(queries, min(k * k_factor, max(index.ntotal, 1)))
-    unique = np.unique(found[found >= 0])
-    if len(unique) == 0:
-        return [(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in queries]
-    table = np.asarray(exact_vectors(unique), np.float32)
-    out = []
-    for query, row in zip(queries, found, strict=True):
-        cand = np.unique(row[row >= 0])  # sorted: positions in ``unique`` by searchsorted
-        scores = table[np.searchsorted(unique, cand)] @ query
-        top = np.argsort(-scores, kind="stable")[:k]
-        out.append((scores[top], cand[top]))
-    return out
+    scores, ids = rerank_shortlist(queries, found, k, exact_vectors)
+    return [(s[i >= 0], i[i >= 0]) for s, i in zip(scores, ids, strict=True)]
 
 
 def tune_reranked(

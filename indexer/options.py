@@ -26,6 +26,7 @@ class IndexOptions:
     timeout_s: float = 30.0
     index_factory: str | None = None  # None: chosen by collection size
     vector_store: str | None = None  # None: where the bundle keeps them (FAISS files at first)
+    max_index_memory: int | None = None  # bytes each FAISS index may take (None: no budget)
     allow_empty_roots: bool = False
     progress: bool = True
     cache_tokens: bool = False  # keep token features for the cross-attention reranker

@@ -777,6 +777,7 @@ class Indexer:
             self.opts.index_factory,
             self.report.counts,
             self.opts.vector_store,
+            self.opts.max_index_memory,
         )
 
 

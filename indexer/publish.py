@@ -29,7 +29,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 from xmodal.crossmodal.errors import XmodalError
 
-from . import ann
+from . import ann, compressed
 from .bundle import (
     KINDS,
     IndexInfo,
@@ -113,14 +113,21 @@ def sync_index(
     dim: int,
     factory: str | None,
     counts: Counter | None = None,
+    budget: int | None = None,
 ) -> tuple[Any, str, dict[str, Any], bool]:
     """(index holding exactly the catalog's live vectors, its factory, search params,
     whether it differs from the published one).
 
     An index that cannot remove ids is rebuilt when ids must leave it, counted as
-    ``{kind}_index_rebuilt`` in ``counts``.
+    ``{kind}_index_rebuilt`` in ``counts``. ``budget`` (bytes) picks the index that fits
+    it (``compressed.choose_within_budget``) when no factory is named.
     """
     want = _live_ids(engine, kind)
+    if budget is not None and factory is None:
+        try:
+            factory = compressed.choose_within_budget(len(want), dim, budget)
+        except compressed.MemoryBudgetError as exc:
+            raise PublishError(f"{kind}: {exc}") from exc
     # Keep the index while its type still fits; otherwise build anew (e.g. the
     # collection outgrew exact search, or an IVF's nlist no longer fits its size).
     factory = factory or ann.keep_factory(info.factory if info.file else None, len(want))
@@ -144,7 +151,20 @@ def sync_index(
         ids = missing[i : i + 20_000]
         ann.add(index, ids, stored_vectors(engine, kind, ids, dim))
     params: dict[str, Any] = {}
-    if index.ntotal and factory.startswith("IVF"):
+    if index.ntotal and compressed.is_compressed(factory):
+        # Tuned on the reranked search the bundle will run, against exact search over
+        # the stored vectors (read whole: the catalog must hold them anyway).
+        vectors = stored_vectors(engine, kind, want, dim)
+        nprobe, recall = compressed.tune_reranked(
+            index, vectors, want, lambda ids: stored_vectors(engine, kind, ids, dim)
+        )
+        params = {
+            "nprobe": nprobe,
+            "k_factor": compressed.K_FACTOR,
+            "tuned_recall": round(recall, 4),
+            "estimated_bytes": compressed.estimate_bytes(factory, len(want), dim),
+        }
+    elif index.ntotal and factory.startswith("IVF"):
         # tune_nprobe's queries: the index itself is the reference, so only they are read.
         sample = np.sort(want[np.random.default_rng(0).permutation(len(want))[: ann.TUNE_QUERIES]])
         params["nprobe"] = ann.tune_nprobe(index, stored_vectors(engine, kind, sample, dim), sample)
@@ -214,6 +234,7 @@ def publish(
     factory: str | None = None,
     counts: Counter | None = None,
     vector_store: str | None = None,
+    max_index_memory: int | None = None,
 ) -> int:
     """Write the next generation (indexes, then manifest); returns its number.
 
@@ -221,12 +242,17 @@ def publish(
     keeps the current generation, so serving processes do not reload for nothing.
     ``counts`` (the run report's) gets a note of each index rebuilt to remove ids.
     ``vector_store`` (a URL, or 'faiss') moves the vectors there; None keeps the published
-    store.
+    store. ``max_index_memory`` (bytes) is each FAISS index's budget.
     """
     # Every kind with a space in this model ("visual" only for two-space models), all
     # built from the catalog the same way: FAISS files, or a database store in place.
     kinds = {kind: dim for kind in KINDS if (dim := manifest.dim(kind))}
     targets = {kind: _target(manifest, kind, vector_store) for kind in kinds}
+    if max_index_memory is not None and any(t != FAISS for t in targets.values()):
+        raise PublishError(
+            "--max-index-memory applies to FAISS indexes, not to the vector store "
+            f"{public_store_url(vector_store or next(t for t in targets.values() if t != FAISS))}"
+        )
     if factory and any(t != FAISS for t in targets.values()):
         raise PublishError(
             f"--index-factory applies to FAISS indexes, not to the vector store "
@@ -247,6 +273,7 @@ def publish(
             dim,
             factory,
             counts,
+            max_index_memory,
         )
         for kind, dim in kinds.items()
         if kind not in in_store

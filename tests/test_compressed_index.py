@@ -120,3 +120,99 @@ def test_reranked_pq_search_reaches_target_recall():
     scores, found = got[0]
     assert np.allclose(scores, x[found - 1] @ held_out[0], atol=1e-5)
     assert (np.diff(scores) <= 1e-6).all()
+
+
+# ------------------------------------------------------- through the indexer and the CLI
+
+
+@pytest.fixture(scope="module")
+def compressed_bundle(tmp_path_factory, tiny_checkpoint):
+    """10,400 distinct captions through the tiny model into a bundle whose caption index
+    must be compressed to fit a 500 kB budget (exact IDMap2,Flat needs about 2 MB)."""
+    from xmodal.crossmodal.encoder import Encoder
+    from xmodal.indexer.pipeline import IndexOptions, run_index
+
+    root = tmp_path_factory.mktemp("compressed")
+    colours = ["red", "green", "blue", "yellow", "pink", "black", "white", "grey"]
+    things = ["cat", "dog", "boat", "house", "tree", "car", "bird", "horse", "cup", "chair"]
+    places = ["beach", "street", "field", "kitchen", "forest", "river", "garden", "room"]
+    lines = [
+        f"a {c} {t} in the {p} number {i}"
+        for i in range(17)
+        for c in colours
+        for t in things
+        for p in places
+    ][:10_400]
+    captions = root / "captions.txt"
+    captions.write_text("\n".join(lines) + "\n")
+    encoder = Encoder.load("xmodal-tiny", str(tiny_checkpoint))
+    bundle = root / "bundle"
+    opts = IndexOptions(
+        bundle=bundle, captions=[captions], progress=False, max_index_memory=500_000
+    )
+    report = run_index(encoder, opts)
+    return encoder, bundle, captions, report
+
+
+def test_a_budget_builds_a_compressed_index_reranked_exactly(compressed_bundle) -> None:
+    from xmodal.indexer.bundle import Bundle, read_manifest
+    from xmodal.indexer.verify import verify_bundle
+
+    encoder, bundle, _, _ = compressed_bundle
+    info = read_manifest(bundle).indexes["captions"]
+    assert compressed.is_compressed(info.factory) and info.count == 10_400
+    assert info.params["k_factor"] == compressed.K_FACTOR
+    assert info.params["tuned_recall"] >= ann.TARGET_RECALL
+    assert info.params["estimated_bytes"] <= 500_000
+    assert verify_bundle(bundle).ok
+    opened = Bundle(bundle)
+    try:
+        ids = np.array([1, 77, 5000, 10_400], np.int64)
+        own = opened.vectors("captions", ids.tolist())
+        scores, found = opened.search("captions", own, 10)
+        assert (found[:, 0] == ids).all()  # each stored vector finds itself first
+        assert np.allclose(scores[:, 0], 1.0, atol=1e-4)  # exact, not a PQ approximation
+        assert (found >= 0).all() and (np.diff(scores, axis=1) <= 1e-6).all()
+        # Against exact search over every stored vector.
+        every = np.arange(1, 10_401)
+        table = opened.vectors("captions", every.tolist())
+        queries = encoder.encode_texts(["a red cat on the beach", "a blue boat", "a chair"])
+        truth = every[np.argsort(-(queries @ table.T), axis=1)[:, :10]]
+        _, got = opened.search("captions", queries, 10)
+        recall = np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth, strict=True)])
+        assert recall >= 0.9
+    finally:
+        opened.close()
+
+
+def test_a_later_run_keeps_the_compressed_index(compressed_bundle) -> None:
+    from xmodal.indexer.bundle import read_manifest
+    from xmodal.indexer.pipeline import IndexOptions, run_index
+
+    encoder, bundle, captions, _ = compressed_bundle
+    before = read_manifest(bundle)
+    report = run_index(encoder, IndexOptions(bundle=bundle, captions=[captions], progress=False))
+    after = read_manifest(bundle)
+    assert after.indexes["captions"].factory == before.indexes["captions"].factory
+    assert after.generation == before.generation  # nothing changed, nothing rewritten
+    assert report.generation == before.generation
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-index-memory", "lots"], "lots"),
+        (["--max-index-memory", "2GB", "--index-factory", "IVF64,Flat"], "not both"),
+        (["--max-index-memory", "2GB", "--vector-store", "milvus://h:19530/c"], "FAISS"),
+    ],
+)
+def test_the_budget_flag_refuses_what_it_cannot_do(tmp_path, extra, message) -> None:
+    from click.testing import CliRunner
+
+    from xmodal.cli import main
+
+    (tmp_path / "c.txt").write_text("a red circle\n")
+    args = ["index", "--captions", str(tmp_path / "c.txt"), "--bundle", str(tmp_path / "b")]
+    result = CliRunner().invoke(main, args + extra)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "b" / "manifest.json").exists()

@@ -96,6 +96,24 @@ def _warn_model_advice(bundle: Any, db_url: str | None = None) -> None:
         click.echo(f"warning: {printable(advice)}", err=True)
 
 
+def _check_index_budget(
+    value: str | None, index_factory: str | None, vector_store: str | None
+) -> int | None:
+    """--max-index-memory in bytes, refused beside a named factory or a database store."""
+    from xmodal.indexer import MemoryBudgetError, parse_memory
+
+    if value is None:
+        return None
+    if index_factory:
+        raise click.UsageError("give --max-index-memory or --index-factory, not both")
+    if vector_store and vector_store != "faiss":
+        raise click.UsageError("--max-index-memory applies to FAISS indexes, not --vector-store")
+    try:
+        return parse_memory(value)
+    except MemoryBudgetError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-index-memory") from exc
+
+
 def _check_vector_store(url: str | None) -> None:
     """Refuse an unknown --vector-store URL before a model is loaded."""
     from xmodal.indexer import StoreError, store_kind
@@ -140,6 +158,14 @@ def _check_vector_store(url: str | None) -> None:
 )
 @click.option(
     "--index-factory", default=None, help="FAISS factory string (default: by collection size)."
+)
+@click.option(
+    "--max-index-memory",
+    default=None,
+    metavar="SIZE",
+    help="Memory budget of each FAISS index (e.g. 2GB): past it, a compressed IVF-PQ index "
+    "whose shortlist is re-scored with the exact stored vectors; a later run that names "
+    "none keeps the bundle's index type.",
 )
 @click.option(
     "--vector-store",
@@ -211,6 +237,7 @@ def index(
     workers: int | None,
     timeout_s: float,
     index_factory: str | None,
+    max_index_memory: str | None,
     vector_store: str | None,
     max_failures: int | None,
     allow_empty: bool,
@@ -232,6 +259,7 @@ def index(
     if not paths and not caption_files:
         raise click.UsageError("give folders to index and/or --captions files")
     _check_vector_store(vector_store)
+    budget = _check_index_budget(max_index_memory, index_factory, vector_store)
     if engine == "ray":  # refuse before loading a model
         from xmodal.indexer.ray_cluster import check_address, import_ray
 
@@ -256,6 +284,7 @@ def index(
         timeout_s=timeout_s,
         index_factory=index_factory,
         vector_store=vector_store,
+        max_index_memory=budget,
         allow_empty_roots=allow_empty,
         progress=not as_json,
         # Token features for the model's cross-attention reranker, if it has one.
