@@ -69,7 +69,8 @@ def supports_remove(index: faiss.Index) -> bool:
 
 def training_size(factory: str, n: int) -> int:
     """How many vectors to train an index on: 50 per IVF list (FAISS wants 39+)."""
-    nlist = next((int(p[3:]) for p in factory.split(",") if p.startswith("IVF")), 0)
+    # "IVF4096" or "IVF4096_HNSW32" (an HNSW coarse quantizer): the list count either way.
+    nlist = next((int(m[1]) for p in factory.split(",") if (m := re.match(r"IVF(\d+)", p))), 0)
     return min(n, max(50 * nlist, 10_000)) if nlist else min(n, 100_000)
 
 

@@ -216,3 +216,10 @@ def test_the_budget_flag_refuses_what_it_cannot_do(tmp_path, extra, message) -> 
     result = CliRunner().invoke(main, args + extra)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_training_size_reads_an_hnsw_coarse_quantizer() -> None:
+    # What choose_within_budget picks above a million vectors must be trainable.
+    factory = compressed.choose_within_budget(10_000_000, 256, 2 << 30)
+    assert "_HNSW" in factory
+    assert ann.training_size(factory, 10_000_000) == 50 * int(factory[3:].split("_")[0])
