@@ -153,10 +153,11 @@ def sync_index(
     params: dict[str, Any] = {}
     if index.ntotal and compressed.is_compressed(factory):
         # Tuned on the reranked search the bundle will run, against exact search over
-        # the stored vectors (read whole: the catalog must hold them anyway).
+        # the stored vectors, read once: the rerank takes its rows from the same table
+        # (``want`` is sorted and the index holds exactly it).
         vectors = stored_vectors(engine, kind, want, dim)
         nprobe, recall = compressed.tune_reranked(
-            index, vectors, want, lambda ids: stored_vectors(engine, kind, ids, dim)
+            index, vectors, want, lambda ids: vectors[np.searchsorted(want, ids)]
         )
         params = {
             "nprobe": nprobe,
@@ -248,14 +249,12 @@ def publish(
     # built from the catalog the same way: FAISS files, or a database store in place.
     kinds = {kind: dim for kind in KINDS if (dim := manifest.dim(kind))}
     targets = {kind: _target(manifest, kind, vector_store) for kind in kinds}
-    if max_index_memory is not None and any(t != FAISS for t in targets.values()):
+    faiss_only = "--index-factory" if factory else None
+    if max_index_memory is not None:
+        faiss_only = faiss_only or "--max-index-memory"
+    if faiss_only and any(t != FAISS for t in targets.values()):
         raise PublishError(
-            "--max-index-memory applies to FAISS indexes, not to the vector store "
-            f"{public_store_url(vector_store or next(t for t in targets.values() if t != FAISS))}"
-        )
-    if factory and any(t != FAISS for t in targets.values()):
-        raise PublishError(
-            f"--index-factory applies to FAISS indexes, not to the vector store "
+            f"{faiss_only} applies to FAISS indexes, not to the vector store "
             f"{public_store_url(vector_store or next(t for t in targets.values() if t != FAISS))}"
         )
     in_store: dict[str, tuple[IndexInfo, bool]] = {}
