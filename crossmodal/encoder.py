@@ -50,15 +50,13 @@ class Encoder:
             self.pad_id = int(self.text_tower.config.pad_token_id or 0)
         else:
             self.pad_id = 0  # open_clip's SimpleTokenizer pads with 0
-        m = self.model
         # A built-in CLIP tower with a causal mask, pooled at the end token: a position sees
         # only those before it, so trailing padding changes nothing and can be cut (a short
         # query on a 77-token context is mostly padding).
         self.trim_text = (
-            not self.hf_text
-            and self.text_tower is None
-            and getattr(m, "attn_mask", None) is not None
-            and getattr(m, "text_pool_type", None) == "argmax"
+            self.text_tower is None
+            and getattr(self.model, "attn_mask", None) is not None
+            and getattr(self.model, "text_pool_type", None) == "argmax"
         )
 
     @classmethod
