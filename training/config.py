@@ -63,6 +63,12 @@ class RerankTrainConfig:
     # shown with it, each image's caption against its negative captions (the
     # reranker README's v5 and v6 sections compare weights).
     listwise: float = 1.0
+    # On a demo corpus: train for partial truth (rerank_partial): queries sampled from
+    # what is true of each scene as positives, negatives only where a text is false.
+    partial_truth: bool = True
+    # Queries that choose the fusion weight (mAP@100); default: queries-val.jsonl
+    # beside --val when it is there.
+    val_queries: str | None = None
     seed: int = 0
 
 

@@ -63,6 +63,7 @@ from .vocabulary import (
     SHAPES,
     SIZES,
     SYNONYMS,
+    Claim,
     Obj,
     Scene,
     captions,
@@ -393,34 +394,39 @@ def render_image(spec: CorpusSpec, split: str, index: int, scene: Scene) -> Imag
         return img.convert("RGB")
 
 
-def image_captions(spec: CorpusSpec, split: str, index: int, scene: Scene) -> list[str]:
-    """The captions the corpus writes for image ``index`` of ``split``.
+def image_claims(spec: CorpusSpec, split: str, index: int, scene: Scene) -> list[tuple[str, Claim]]:
+    """The captions the corpus writes for image ``index`` of ``split``, each with the
+    claim it makes about the scene (what ``rerank_truth`` checks against other scenes).
 
-    Flat style: ``captions(scene)``. Varied: ``FULL_CAPTIONS`` distinct free paraphrases
-    naming the whole scene, plus in train ``PARTIAL_CAPTIONS`` true partial ones.
-    test-shifted (either style): full paraphrases, each with a held-out synonym.
+    Flat style: ``captions(scene)``, each the full claim. Varied: ``FULL_CAPTIONS``
+    distinct free paraphrases naming the whole scene, plus in train
+    ``PARTIAL_CAPTIONS`` true partial ones. test-shifted (either style): full
+    paraphrases, each with a held-out synonym.
     """
+    full = full_claim(scene)
     if _flat(spec, split):
-        return captions(scene)
+        return [(text, full) for text in captions(scene)]
     rng = _rng(spec.seed, split, index, "captions")
     held_out = split == SHIFTED
-    full = full_claim(scene)
-    out: list[str] = []
+    out: dict[str, Claim] = {}
     for _ in range(8 * FULL_CAPTIONS):  # distinct texts; a one-object scene has fewer
-        text = describe(scene, rng, full, held_out)
-        if text not in out:
-            out.append(text)
+        out.setdefault(describe(scene, rng, full, held_out), full)
         if len(out) == FULL_CAPTIONS:
             break
     if split == "train":
         wanted = len(out) + PARTIAL_CAPTIONS
         for _ in range(8 * PARTIAL_CAPTIONS):
-            text = describe(scene, rng, partial_claim(scene, rng))
-            if text not in out:
-                out.append(text)
+            claim = partial_claim(scene, rng)
+            out.setdefault(describe(scene, rng, claim), claim)
             if len(out) == wanted:
                 break
-    return out
+    return list(out.items())
+
+
+def image_captions(spec: CorpusSpec, split: str, index: int, scene: Scene) -> list[str]:
+    """The captions the corpus writes for image ``index`` of ``split`` (``image_claims``'
+    texts)."""
+    return [text for text, _ in image_claims(spec, split, index, scene)]
 
 
 def _render_file(args: tuple[CorpusSpec, str, int, Scene]) -> tuple[bytes, str]:

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
-from xmodal.crossmodal.metrics import image_to_text_ranks, recall_at, text_to_image_ranks
+from xmodal.crossmodal.metrics import (
+    AP_K,
+    image_to_text_ranks,
+    query_set_metrics,
+    recall_at,
+    text_to_image_ranks,
+)
 from xmodal.crossmodal.scoring import MatchScorer, fusion_weight
 
 
@@ -147,4 +153,37 @@ def compositional_accuracy(
             }
             for k in sorted(set(by.tolist()))
         }
+    return out
+
+
+def reranked_query_map(
+    model: MatchScorer,
+    image_emb: np.ndarray,
+    image_tokens: torch.Tensor,
+    queries: tuple[np.ndarray, torch.Tensor, torch.Tensor],
+    relevant: np.ndarray,
+    k: int,
+    weights: Sequence[float],
+) -> dict[float, float]:
+    """Mean AP@100 of a query set after reranking each query's dual top ``k`` images,
+    for each fusion weight. ``queries`` is (embeddings [Q, D], tokens [Q, L, Dt],
+    mask [Q, L]); ``relevant`` [Q, N] marks each query's relevant images."""
+    q_emb, q_tok, q_mask = queries
+    feats = Features(image_emb, image_tokens, q_emb, q_tok, q_mask, np.zeros(len(q_emb), int))
+    sims = q_emb @ image_emb.T  # [Q, N]
+    q, n = sims.shape
+    k = min(k, n)
+    cand = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    logits = pair_logits(model, feats, np.repeat(np.arange(q), k), cand.ravel(), desc="queries")
+    logits = logits.reshape(q, k)
+    n_relevant = relevant.sum(axis=1).tolist()
+    out = {}
+    for w in weights:
+        scores = np.stack(
+            [
+                _reranked_positions(sims[r], logits[r] + w * sims[r, cand[r]], cand[r])
+                for r in range(q)
+            ]
+        )
+        out[float(w)] = query_set_metrics(scores, relevant, n_relevant)[f"mAP@{AP_K}"]
     return out

@@ -13,6 +13,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,6 +218,8 @@ class TrainingSet:
     comp_of: dict[int, int]  # image row -> row of its swapped caption in ``comp``
     comp: CompositionalNegatives | None
     cf: Counterfactuals | None
+    # Partial-truth texts and truth-filtered negatives (demo corpora; rerank_partial).
+    partial: Any = None
 
 
 def training_set(

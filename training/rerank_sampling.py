@@ -166,3 +166,51 @@ def sample_step(
         rows = [comp_of[int(i)] for i in imgs[alone]]
         pairs.add(comp, np.array(rows), feats, imgs[alone], 0, image=np.flatnonzero(alone))
     return pairs
+
+
+def sample_partial_step(data: TrainingSet, imgs: np.ndarray, rng: np.random.Generator) -> StepPairs:
+    """The pairs of one partial-truth step over the images ``imgs`` (``rerank_partial``):
+    each image with a text true of it (a caption, full or partial, or a query), a hard
+    image the text is false of, a hard text false of the image, a random image the text
+    is false of, a structured negative and, on a flat corpus, its counterfactual twin.
+    Draws from ``rng`` in a fixed order."""
+    from .rerank_partial import draw  # here: rerank_partial imports this package's features
+    from .rerank_truth import holds
+
+    feats, part, cf = data.feats, data.partial, data.cf
+    n = len(part.scenes)
+    texts = np.array([part.pos_of[i][rng.integers(len(part.pos_of[i]))] for i in imgs])
+    neg_img = draw(part.text_nn, part.text_weights, texts, rng)
+    neg_txt = draw(part.image_nn, part.image_weights, imgs, rng)
+    rand_img = rng.integers(0, n, len(imgs))
+    B = len(imgs)
+    every = np.arange(B)
+    pairs = StepPairs()
+    pairs.add(part.pool, texts, feats, imgs, 1, text=every, image=every)
+    ok = np.flatnonzero(neg_img >= 0)
+    pairs.add(part.pool, texts[ok], feats, neg_img[ok], 0, text=ok)
+    ok = np.flatnonzero(neg_txt >= 0)
+    pairs.add(part.pool, neg_txt[ok], feats, imgs[ok], 0, image=ok)
+    ok = np.array(
+        [b for b in every if not holds(part.truths[texts[b]], part.scenes[rand_img[b]])], int
+    )
+    if len(ok):
+        pairs.add(part.pool, texts[ok], feats, rand_img[ok], 0, text=ok)
+    has = np.array([b for b in every if part.neg_of[imgs[b]]], int)
+    if len(has):
+        rows = np.array(
+            [part.neg_of[imgs[b]][rng.integers(len(part.neg_of[imgs[b]]))] for b in has]
+        )
+        pairs.add(part.negatives, rows, feats, imgs[has], 0, image=has)
+    if cf is not None:
+        # Twins are of the pairs' captions: only steps whose text is one of them.
+        caption = texts < len(cf.text_row)
+        twin = caption & (cf.image_row[imgs] >= 0)
+        twin[twin] &= cf.text_row[texts[twin]] >= 0
+        rows = np.flatnonzero(twin)
+        if len(rows):
+            ti, tt = cf.image_row[imgs[twin]], cf.text_row[texts[twin]]
+            pairs.add(cf, tt, feats, imgs[twin], 0, image=rows)
+            pairs.add(cf, tt, cf, ti, 1, twin=np.arange(len(ti)))
+            pairs.add(part.pool, texts[twin], cf, ti, 0, text=rows, twin=np.arange(len(ti)))
+    return pairs

@@ -167,6 +167,20 @@ def train(**kwargs: Any) -> None:
     help="Weight of a listwise loss beside ITM (each caption's image ranked against "
     "the images it was shown with, and each image's caption likewise).",
 )
+@click.option(
+    "--partial-truth/--no-partial-truth",
+    default=RerankTrainConfig.partial_truth,
+    show_default=True,
+    help="On a demo corpus: true partial texts (queries of what each scene holds) are "
+    "positives, and negatives are only images and texts a text is false of.",
+)
+@click.option(
+    "--val-queries",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Queries file (over --val's images) whose mAP@100 chooses the fusion weight "
+    "[default: queries-val.jsonl beside --val, where there is one].",
+)
 @click.option("--seed", type=int, default=RerankTrainConfig.seed, show_default=True)
 def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
     """Train the cross-attention reranker over a frozen dual encoder (ITM loss)."""
