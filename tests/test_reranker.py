@@ -158,6 +158,18 @@ def test_training_lowers_itm_loss_and_separates_pairs(tiny_with_reranker: Path) 
     from xmodal.training.rerank_train import FUSION_WEIGHTS
 
     assert metrics["val"]["fusion_weight"] in FUSION_WEIGHTS
+    # w is chosen by the val queries' mAP@100 among the weights near the best val R@1.
+    from xmodal.training.rerank_train import RECALL_SLACK
+
+    val = metrics["val"]
+    maps = {float(w): m for w, m in val["queries"]["map100_by_weight"].items()}
+    recall = {
+        float(w): (r["text_to_image"]["R@1"] + r["image_to_text"]["R@1"]) / 2
+        for w, r in val["reranked_by_weight"].items()
+    }
+    near = [w for w in recall if recall[w] >= max(recall.values()) - RECALL_SLACK]
+    assert val["fusion_weight"] in near
+    assert maps[val["fusion_weight"]] == max(maps[w] for w in near)
     doc = json.loads((tiny_with_reranker / "reranker" / "reranker_config.json").read_text())
     assert doc["config"]["fusion_weight"] == metrics["val"]["fusion_weight"]
     assert doc["encoder"]["name"] == "xmodal-tiny"
