@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from rerank_fixtures import tiny_rerank_config
 from xmodal.crossmodal.encoder import Encoder
-from xmodal.crossmodal.errors import DataError
 from xmodal.crossmodal.pairs import PairSet, read_pairs
 from xmodal.training.corpus import (
     HELD_OUT,
@@ -22,6 +21,7 @@ from xmodal.training.corpus import (
     Obj,
     Scene,
     captions,
+    image_claims,
     plan_splits,
     write_corpus,
 )
@@ -140,7 +140,9 @@ def test_a_corpus_json_without_a_style_is_a_flat_one(tmp_path: Path, small_corpu
     assert demo[0].spec.test_shifted_size == 0
 
 
-def test_a_varied_corpus_has_scenes_but_no_twins(tmp_path: Path, tiny_local_dir: Path) -> None:
+def test_a_varied_corpus_has_scenes_and_twins_of_its_full_captions(
+    tmp_path: Path, tiny_local_dir: Path
+) -> None:
     spec = CorpusSpec(
         seed=2, train_size=12, val_size=2, test_size=2, test_shifted_size=3, style="varied"
     )
@@ -154,13 +156,25 @@ def test_a_varied_corpus_has_scenes_but_no_twins(tmp_path: Path, tiny_local_dir:
             drawn = np.asarray(render_twin(d, d.scene))  # the same style and stream
             assert np.array_equal(drawn, np.asarray(Image.open(path).convert("RGB")))
     assert {p.suffix for p in (tmp_path / "images" / "train").iterdir()} == {".png", ".jpg"}
-    # Its captions are paraphrases: no twin captions, said plainly, not silently none.
-    with pytest.raises(DataError, match=r"flat-style.*'varied'.*--no-counterfactual"):
-        held_out_keys(spec)
+    # Its full captions are paraphrases: each twin gets a full paraphrase of its own
+    # scene, partial captions none (what they name may be true of the twin too).
     enc = Encoder.load(f"local-dir:{tiny_local_dir}")
     pairs = read_pairs(tmp_path / "train.jsonl")
-    with pytest.raises(DataError, match="--no-counterfactual"):
-        counterfactual_set(enc, pairs, pairs.captions_of(), seed=0)
+    caps_of = pairs.captions_of()
+    cf = counterfactual_set(enc, pairs, caps_of, seed=0)
+    assert cf is not None
+    demo = demo_images(pairs.source, pairs.images)
+    twins = 0
+    for i, cs in enumerate(caps_of):
+        claims = dict(image_claims(spec, "train", i, demo[i].scene))
+        for c in cs:
+            full = claims[pairs.captions[c]].is_full(demo[i].scene)
+            if cf.text_row[c] >= 0:
+                twins += 1
+                assert full and cf.texts[cf.text_row[c]] != pairs.captions[c]
+            elif cf.image_row[i] >= 0:
+                assert not full
+    assert twins
 
 
 @pytest.fixture(scope="module")

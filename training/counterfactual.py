@@ -11,11 +11,11 @@ pictures the same colours and shapes, so only binding words to objects separates
 Only images of a generated demo corpus have twins: the corpus's ``corpus.json``
 next to the pairs file gives the seed from which each image's scene is re-planned
 (``demo_images`` finds the scene of flat and varied images alike, for
-``scene_difference`` and the symmetric-scene check). Twin *captions* exist only for the
-flat style: a twin caption is the same fixed template (``template_of``) filled in with
-the twin's words. A varied corpus's captions are free paraphrases and partial ones,
-which have no such counterpart, so ``held_out_keys`` (what ``counterfactual_set`` asks
-first) refuses a varied corpus with a ``DataError`` that says to train without twins.
+``scene_difference`` and the symmetric-scene check). A twin *caption*
+(``twin_caption``) is, in the flat style, the same fixed template (``template_of``)
+filled in with the twin's words; in the varied style, a fresh full paraphrase of the
+twin for a caption that names the whole scene (a partial caption has none: what it
+names may hold of the twin too).
 """
 
 from __future__ import annotations
@@ -27,9 +27,19 @@ import re
 from pathlib import Path
 
 from PIL import Image
-from xmodal.crossmodal.errors import DataError
 
-from .corpus import HELD_OUT, SHIFTED, CorpusSpec, Scene, captions, plan_splits, render_image
+from .corpus import (
+    HELD_OUT,
+    SHIFTED,
+    CorpusSpec,
+    Scene,
+    captions,
+    describe,
+    full_claim,
+    image_claims,
+    plan_splits,
+    render_image,
+)
 
 _NAME = re.compile(r"^(train|val|test|test-shifted)_(\d+)\.(png|jpg)$")
 # What a corpus.json written before a spec field existed implies: the flat style (the
@@ -120,19 +130,25 @@ def twin_scene(
 
 
 def held_out_keys(spec: CorpusSpec) -> frozenset[str]:
-    """Keys of the corpus's val, test and test-shifted scenes, which no twin may have.
-
-    DataError for a corpus whose style is not flat: its captions have no twin captions
-    (see the module's docstring).
-    """
-    if spec.style != "flat":
-        raise DataError(
-            f"counterfactual twins need a flat-style demo corpus (their captions are its "
-            f"fixed templates); this one is {spec.style!r} (seed {spec.seed}): train the "
-            "reranker with --no-counterfactual"
-        )
+    """Keys of the corpus's val, test and test-shifted scenes, which no twin may have."""
     plan = plan_splits(spec)
     return frozenset(s.key() for split in ("val", "test", SHIFTED) for s in plan.get(split, []))
+
+
+def twin_caption(image: DemoImage, twin: Scene, caption: str, rng: random.Random) -> str | None:
+    """The twin's caption in the form of the image's ``caption`` (None: no such form).
+
+    Flat: the same template filled in with the twin's words. Varied: a caption that
+    names the whole scene gets a fresh full paraphrase of the twin, drawn from ``rng``;
+    a partial caption has no twin caption (what it names may hold of the twin too).
+    """
+    if image.spec.style == "flat" and image.split != SHIFTED:
+        k = template_of(image.scene, caption)
+        return None if k is None else captions(twin)[k]
+    claims = dict(image_claims(image.spec, image.split, image.index, image.scene))
+    if caption not in claims or not claims[caption].is_full(image.scene):
+        return None
+    return describe(twin, rng, full_claim(twin))
 
 
 def symmetric(scene: Scene) -> bool:

@@ -24,7 +24,6 @@ from xmodal.crossmodal.pair_images import ImageFailure, decode_pair_images, desc
 from xmodal.crossmodal.pairs import PairSet, read_pairs
 from xmodal.crossmodal.reranker import pad_tokens
 
-from .corpus import captions as scene_captions
 from .counterfactual import (
     demo_images,
     held_out_keys,
@@ -32,6 +31,7 @@ from .counterfactual import (
     reversed_order,
     symmetric,
     template_of,
+    twin_caption,
     twin_scene,
 )
 from .negatives import negative, relation_flip
@@ -158,8 +158,9 @@ def counterfactual_set(
 ) -> Counterfactuals | None:
     """Render and encode a counterfactual twin of every demo image with 2+ objects.
 
-    Each of the image's captions gets the twin's caption in the same paraphrase. None
-    when the pairs are not a demo corpus (no ``corpus.json`` beside them). No twin is
+    Each of the image's captions that has one gets the twin's caption in the same form
+    (``twin_caption``: flat templates, varied full paraphrases). None when the pairs
+    are not a demo corpus (no ``corpus.json`` beside them). No twin is
     a val or test scene.
     """
     demo = demo_images(pairs.source, pairs.images)
@@ -172,21 +173,27 @@ def counterfactual_set(
     for i, d in enumerate(demo):
         if d is None or not caps_of[i]:
             continue
-        paraphrase = [template_of(d.scene, pairs.captions[c]) for c in caps_of[i]]
-        twin = twin_scene(d.scene, rng, avoid) if None not in paraphrase else None
+        twin = twin_scene(d.scene, rng, avoid)
         if twin is None:
             continue
-        image_row[i] = len(twins)
-        twins.append((d, twin))
-        twin_caps = scene_captions(twin)
         reverse = reversed_order(d.scene, twin)
-        for c, k in zip(caps_of[i], paraphrase, strict=True):
-            text_row[c] = len(texts)
+        named = []
+        for c in caps_of[i]:
+            text = twin_caption(d, twin, pairs.captions[c], rng)
+            if text is None:
+                continue
             # A reversed twin is also described by the caption's relation flipped
             # ("A right of B" for "A left of B"): half of them get that wording, so the
             # relation words themselves are learnt, not only the order of the objects.
             flipped = relation_flip(pairs.captions[c]) if reverse else None
-            texts.append(flipped if flipped and rng.random() < 0.5 else twin_caps[k])
+            named.append((c, flipped if flipped and rng.random() < 0.5 else text))
+        if not named:
+            continue
+        image_row[i] = len(twins)
+        twins.append((d, twin))
+        for c, text in named:
+            text_row[c] = len(texts)
+            texts.append(text)
     if not twins:
         return None
     toks = []
