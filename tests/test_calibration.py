@@ -148,3 +148,27 @@ def test_calibration_of_other_weights_or_fusion_is_not_used(
     replace(cal, sha256="0" * 64).save(tmp_path / CALIBRATION_FILE)
     found = find_calibration(tmp_path, default_encoder, cal.fusion_weight)
     assert found is None or found.sha256 == default_encoder.identity.sha256
+
+
+def test_a_query_set_beside_the_pairs_joins_the_calibration(
+    small_corpus: Path, tiny_local_dir: Path, tmp_path: Path
+) -> None:
+    # queries-val.jsonl beside val.jsonl: its queries are calibrated too, a candidate
+    # true where the query set lists it (short, partial queries get probabilities).
+    from xmodal.crossmodal.pairs import read_pairs
+    from xmodal.training.calibrate import candidate_samples
+
+    enc = Encoder.load(f"local-dir:{tiny_local_dir}")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "images").symlink_to(small_corpus / "images")
+    shutil.copy(small_corpus / "val.jsonl", alone / "val.jsonl")
+    k = 8
+    without = candidate_samples(enc, read_pairs(alone / "val.jsonl"), None, rerank_k=k)
+    with_queries = candidate_samples(enc, read_pairs(small_corpus / "val.jsonl"), None, rerank_k=k)
+    lines = [json.loads(x) for x in (small_corpus / "queries-val.jsonl").read_text().splitlines()]
+    assert with_queries.queries == without.queries + len(lines)
+    tail = with_queries.truth[len(without.truth) :].reshape(len(lines), k)
+    # A query with more relevant images than k fills its top k with true ones at best.
+    assert tail.sum(axis=1).max() <= k and tail.sum() > 0
+    assert np.array_equal(with_queries.truth[: len(without.truth)], without.truth)

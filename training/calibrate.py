@@ -4,6 +4,9 @@ Each caption is a query, as at search time: the dual encoder's top ``rerank_k`` 
 are its candidates, scored by cosine and, where the model has a reranker, by
 ``match logit + w * cosine``. A candidate is a true match when one of its own captions
 is the query's text (so class-level captions shared by several images count for each).
+Where a query set lies beside the pairs file (``queries-val.jsonl`` beside
+``val.jsonl``), its queries join them, a candidate true where the query set lists it
+as relevant: the probabilities then hold for short, partial queries too.
 Platt scaling (``crossmodal.calibration``) is fitted to those (score, truth) pairs,
 with Platt's smoothed targets; the expected calibration error is reported on the
 fitting data and, given a second pairs file, on it.
@@ -26,8 +29,8 @@ from xmodal.crossmodal.scoring import MatchScorer, fusion_weight
 from xmodal.search.limits import DEFAULT_RERANK_K
 from xmodal.search.rerank import load_scorer
 
-from .rerank_eval import pair_logits
-from .rerank_features import features_for
+from .rerank_eval import Features, pair_logits
+from .rerank_features import features_for, text_features
 
 # Captions used as queries at most (sampled with the seed): 32 candidates each.
 DEFAULT_MAX_QUERIES = 1000
@@ -115,7 +118,65 @@ def candidate_samples(
     if scorer is not None:
         logits = pair_logits(scorer, feats, np.repeat(q, k), cand.ravel(), desc="calibrating")
         fused = logits.reshape(cos.shape) + fusion_weight(scorer) * cos
-    return Samples(cos.ravel(), None if fused is None else fused.ravel(), truth.ravel(), len(rows))
+    samples = Samples(
+        cos.ravel(), None if fused is None else fused.ravel(), truth.ravel(), len(rows)
+    )
+    queries = queries_beside(pairs.source)
+    if queries is None:
+        return samples
+    return _joined(samples, query_samples(feats, pairs, queries, encoder, scorer, k))
+
+
+def queries_beside(pairs_file: Path) -> Path | None:
+    """The query set over a pairs file's images, where there is one beside it
+    (``queries-val.jsonl`` beside ``val.jsonl``, as ``demo-corpus`` writes them)."""
+    path = Path(pairs_file).with_name(f"queries-{Path(pairs_file).stem}.jsonl")
+    return path if path.is_file() else None
+
+
+def query_samples(
+    feats: Features,
+    pairs: PairSet,
+    path: Path,
+    encoder: Encoder,
+    scorer: MatchScorer | None,
+    k: int,
+) -> Samples:
+    """The top ``k`` images of each query of a query set, true where relevant: short,
+    partial queries get probabilities as well as full captions."""
+    from xmodal.search.evaluate import read_queries
+
+    queries = read_queries(path, pairs)
+    q_emb, q_tok, q_mask = text_features(encoder, queries.texts, desc="calibration queries")
+    sims = q_emb @ feats.image_emb.T  # [Q, N]
+    cand = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    cos = np.take_along_axis(sims, cand, axis=1)
+    relevant = [set(r) for r in queries.relevant]
+    truth = np.array([[j in relevant[r] for j in row] for r, row in enumerate(cand.tolist())])
+    fused = None
+    if scorer is not None:
+        qf = Features(
+            feats.image_emb, feats.image_tokens, q_emb, q_tok, q_mask, feats.caption_image
+        )
+        qf.texts = queries.texts
+        q = np.arange(len(queries.texts))
+        logits = pair_logits(scorer, qf, np.repeat(q, k), cand.ravel(), desc="calibrating")
+        fused = logits.reshape(cos.shape) + fusion_weight(scorer) * cos
+    return Samples(
+        cos.ravel(), None if fused is None else fused.ravel(), truth.ravel(), len(queries.texts)
+    )
+
+
+def _joined(a: Samples, b: Samples) -> Samples:
+    reranked = None
+    if a.reranked is not None and b.reranked is not None:
+        reranked = np.concatenate([a.reranked, b.reranked])
+    return Samples(
+        np.concatenate([a.cosine, b.cosine]),
+        reranked,
+        np.concatenate([a.truth, b.truth]),
+        a.queries + b.queries,
+    )
 
 
 def _report(cal: Calibration, samples: Samples) -> dict[str, Any]:
@@ -157,6 +218,7 @@ def fit_calibration(
     )
     fitted: dict[str, Any] = {
         "pairs": str(pairs_path),
+        "query_set": str(queries_beside(Path(pairs_path))),
         "rerank_k": rerank_k,
         "seed": seed,
         **_report(cal, samples),
@@ -165,6 +227,10 @@ def fit_calibration(
         check = candidate_samples(
             encoder, read_pairs(check_path), scorer, rerank_k, max_queries, seed
         )
-        fitted["check"] = {"pairs": str(check_path), **_report(cal, check)}
+        fitted["check"] = {
+            "pairs": str(check_path),
+            "query_set": str(queries_beside(Path(check_path))),
+            **_report(cal, check),
+        }
     fitted["seconds"] = round(time.time() - started, 1)
     return replace(cal, fitted_on=fitted)
