@@ -283,6 +283,13 @@ def save_run(
         "train_captions": len(data.feats.text_emb),
         "compositional_negatives": len(data.comp_of),
         "counterfactual_twins": 0 if data.cf is None else len(data.cf.image_tokens),
+        "partial_truth": None
+        if data.partial is None
+        else {
+            "texts": len(data.partial.truths),
+            "queries": len(data.partial.truths) - len(data.feats.text_emb),
+            "negative_queries": len(data.partial.negatives.text_emb),
+        },
         "history": history,
         "val": val_report,
         "seconds": seconds,
