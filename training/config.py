@@ -69,6 +69,9 @@ class RerankTrainConfig:
     # Queries that choose the fusion weight (mAP@100); default: queries-val.jsonl
     # beside --val when it is there.
     val_queries: str | None = None
+    # What chooses the fusion weight: "queries" (val queries' mAP@100 among the weights
+    # near the best val R@1; R@1 alone where there are no queries) or "recall" (v7's).
+    fusion_by: str = "queries"
     seed: int = 0
 
 

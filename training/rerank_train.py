@@ -229,7 +229,7 @@ def tune_fusion(
         return (by_w[w]["text_to_image"]["R@1"] + by_w[w]["image_to_text"]["R@1"]) / 2
 
     best_recall = max(recall(w) for w in by_w)
-    queries = val_queries_path(cfg)
+    queries = val_queries_path(cfg) if cfg.fusion_by == "queries" else None
     maps: dict[float, float] = {}
     if queries is not None:
         maps = query_map_by_weight(model, encoder, vfeats, val_pairs, queries, cfg.rerank_k)

@@ -181,6 +181,14 @@ def train(**kwargs: Any) -> None:
     help="Queries file (over --val's images) whose mAP@100 chooses the fusion weight "
     "[default: queries-val.jsonl beside --val, where there is one].",
 )
+@click.option(
+    "--fusion-by",
+    type=click.Choice(["queries", "recall"]),
+    default=RerankTrainConfig.fusion_by,
+    show_default=True,
+    help="What chooses the fusion weight: the val queries' mAP@100 (among weights near "
+    "the best val R@1), or val R@1 alone.",
+)
 @click.option("--seed", type=int, default=RerankTrainConfig.seed, show_default=True)
 def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
     """Train the cross-attention reranker over a frozen dual encoder (ITM loss)."""
