@@ -76,6 +76,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "ranked_relevance": "metrics",
         "query_metrics": "metrics",
         "query_set_metrics": "metrics",
+        "AP_K": "metrics",
         # package plumbing
         "lazy_exports": "lazy",
         # threads
