@@ -26,9 +26,11 @@ from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.errors import DataError
 from xmodal.crossmodal.pairs import PairSet, read_pairs
 from xmodal.crossmodal.scoring import MatchScorer, fusion_weight
+from xmodal.search.evaluate import read_queries
 from xmodal.search.limits import DEFAULT_RERANK_K
 from xmodal.search.rerank import load_scorer
 
+from .queries import queries_beside
 from .rerank_eval import Features, pair_logits
 from .rerank_features import features_for, text_features
 
@@ -106,32 +108,34 @@ def candidate_samples(
     rows = list(range(len(texts)))
     if max_queries is not None and len(rows) > max_queries:
         rows = sorted(random.Random(seed).sample(rows, max_queries))
-    q = np.asarray(rows)
-    sims = feats.text_emb[q] @ feats.image_emb.T  # [Q, N]
-    k = min(rerank_k, sims.shape[1])
-    cand = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [Q, k]
-    cos = np.take_along_axis(sims, cand, axis=1)  # [Q, k]
+    k = min(rerank_k, len(feats.image_emb))
+    cand, cos, fused = _scored_candidates(feats, np.asarray(rows), scorer, k)
     truth = np.array(
         [[texts[r] in own[j] for j in row] for r, row in zip(rows, cand.tolist(), strict=True)]
     )
-    fused = None
-    if scorer is not None:
-        logits = pair_logits(scorer, feats, np.repeat(q, k), cand.ravel(), desc="calibrating")
-        fused = logits.reshape(cos.shape) + fusion_weight(scorer) * cos
-    samples = Samples(
-        cos.ravel(), None if fused is None else fused.ravel(), truth.ravel(), len(rows)
-    )
+    samples = Samples(cos.ravel(), _ravel(fused), truth.ravel(), len(rows))
     queries = queries_beside(pairs.source)
     if queries is None:
         return samples
     return _joined(samples, query_samples(feats, pairs, queries, encoder, scorer, k))
 
 
-def queries_beside(pairs_file: Path) -> Path | None:
-    """The query set over a pairs file's images, where there is one beside it
-    (``queries-val.jsonl`` beside ``val.jsonl``, as ``demo-corpus`` writes them)."""
-    path = Path(pairs_file).with_name(f"queries-{Path(pairs_file).stem}.jsonl")
-    return path if path.is_file() else None
+def _ravel(fused: np.ndarray | None) -> np.ndarray | None:
+    return None if fused is None else fused.ravel()
+
+
+def _scored_candidates(
+    feats: Features, rows: np.ndarray, scorer: MatchScorer | None, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """For the texts ``rows`` of ``feats``: their top ``k`` images [Q, k], cosines
+    [Q, k] and, with a scorer, search's fused score (match + w * cosine) [Q, k]."""
+    sims = feats.text_emb[rows] @ feats.image_emb.T  # [Q, N]
+    cand = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [Q, k]
+    cos = np.take_along_axis(sims, cand, axis=1)  # [Q, k]
+    if scorer is None:
+        return cand, cos, None
+    logits = pair_logits(scorer, feats, np.repeat(rows, k), cand.ravel(), desc="calibrating")
+    return cand, cos, logits.reshape(cos.shape) + fusion_weight(scorer) * cos
 
 
 def query_samples(
@@ -144,27 +148,14 @@ def query_samples(
 ) -> Samples:
     """The top ``k`` images of each query of a query set, true where relevant: short,
     partial queries get probabilities as well as full captions."""
-    from xmodal.search.evaluate import read_queries
-
     queries = read_queries(path, pairs)
     q_emb, q_tok, q_mask = text_features(encoder, queries.texts, desc="calibration queries")
-    sims = q_emb @ feats.image_emb.T  # [Q, N]
-    cand = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    cos = np.take_along_axis(sims, cand, axis=1)
+    owner = np.full(len(q_emb), -1)  # a query is no image's own caption
+    qf = Features(feats.image_emb, feats.image_tokens, q_emb, q_tok, q_mask, owner, queries.texts)
+    cand, cos, fused = _scored_candidates(qf, np.arange(len(q_emb)), scorer, k)
     relevant = [set(r) for r in queries.relevant]
     truth = np.array([[j in relevant[r] for j in row] for r, row in enumerate(cand.tolist())])
-    fused = None
-    if scorer is not None:
-        qf = Features(
-            feats.image_emb, feats.image_tokens, q_emb, q_tok, q_mask, feats.caption_image
-        )
-        qf.texts = queries.texts
-        q = np.arange(len(queries.texts))
-        logits = pair_logits(scorer, qf, np.repeat(q, k), cand.ravel(), desc="calibrating")
-        fused = logits.reshape(cos.shape) + fusion_weight(scorer) * cos
-    return Samples(
-        cos.ravel(), None if fused is None else fused.ravel(), truth.ravel(), len(queries.texts)
-    )
+    return Samples(cos.ravel(), _ravel(fused), truth.ravel(), len(queries.texts))
 
 
 def _joined(a: Samples, b: Samples) -> Samples:
@@ -177,6 +168,10 @@ def _joined(a: Samples, b: Samples) -> Samples:
         np.concatenate([a.truth, b.truth]),
         a.queries + b.queries,
     )
+
+
+def _name(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _report(cal: Calibration, samples: Samples) -> dict[str, Any]:
@@ -218,7 +213,7 @@ def fit_calibration(
     )
     fitted: dict[str, Any] = {
         "pairs": str(pairs_path),
-        "query_set": str(queries_beside(Path(pairs_path))),
+        "query_set": _name(queries_beside(pairs_path)),
         "rerank_k": rerank_k,
         "seed": seed,
         **_report(cal, samples),
@@ -229,7 +224,7 @@ def fit_calibration(
         )
         fitted["check"] = {
             "pairs": str(check_path),
-            "query_set": str(queries_beside(Path(check_path))),
+            "query_set": _name(queries_beside(check_path)),
             **_report(cal, check),
         }
     fitted["seconds"] = round(time.time() - started, 1)

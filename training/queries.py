@@ -49,6 +49,13 @@ def queries_file(split: str) -> str:
     return f"queries-{split}.jsonl"
 
 
+def queries_beside(pairs_file: str | Path) -> Path | None:
+    """The query set over a pairs file's images, where there is one beside it
+    (``queries-val.jsonl`` beside ``val.jsonl``, as ``write_queries`` names them)."""
+    path = Path(pairs_file).with_name(queries_file(Path(pairs_file).stem))
+    return path if path.is_file() else None
+
+
 def _article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 

@@ -13,7 +13,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from .counterfactual import (
 )
 from .negatives import negative, relation_flip
 from .rerank_eval import Features
+
+if TYPE_CHECKING:  # rerank_partial imports this module
+    from .rerank_partial import PartialTruth
 
 
 @torch.inference_mode()
@@ -226,7 +229,7 @@ class TrainingSet:
     comp: CompositionalNegatives | None
     cf: Counterfactuals | None
     # Partial-truth texts and truth-filtered negatives (demo corpora; rerank_partial).
-    partial: Any = None
+    partial: PartialTruth | None = None
 
 
 def training_set(

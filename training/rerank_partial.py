@@ -127,14 +127,16 @@ def partial_truth_set(
     their token features, and the truth-filtered hard negatives both ways."""
     rng = random.Random(seed)
     scenes = [d.scene for d in demo]
-    truths: list[Truth] = []
-    for c, text in enumerate(pairs.captions):
-        d = demo[int(pairs.caption_image[c])]
-        claims = dict(image_claims(d.spec, d.split, d.index, d.scene))
-        if text not in claims:  # not the corpus's caption: only its own scene is sure
-            truths.append(Truth(exact=d.scene.key()))
-        else:
-            truths.append(claim_truth(d.scene, claims[text]))
+    of_caption: dict[int, Truth] = {}
+    for d, cs in zip(demo, caps_of, strict=True):
+        claims = dict(image_claims(d.spec, d.split, d.index, d.scene))  # once per image
+        for c in cs:
+            claim = claims.get(pairs.captions[c])
+            # Not the corpus's caption: only its own scene is sure.
+            of_caption[c] = (
+                Truth(exact=d.scene.key()) if claim is None else claim_truth(d.scene, claim)
+            )
+    truths = [of_caption[c] for c in range(len(pairs.captions))]
     queries: list[str] = []
     pos_of = [list(cs) for cs in caps_of]
     negs: list[str] = []
@@ -174,10 +176,3 @@ def partial_truth_set(
         i_nn,
         i_w,
     )
-
-
-def draw(nn: np.ndarray, weights: np.ndarray, rows: np.ndarray, rng: np.random.Generator):
-    """One neighbour per row by its weights, -1 for a row that has none."""
-    cum = weights[rows].cumsum(axis=1)
-    pick = (cum < rng.random((len(rows), 1)) * cum[:, -1:]).sum(axis=1).clip(max=nn.shape[1] - 1)
-    return nn[rows, pick]

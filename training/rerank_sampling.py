@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .rerank_features import TrainingSet
+from .rerank_truth import holds
 
 
 class StepPairs:
@@ -174,14 +175,13 @@ def sample_partial_step(data: TrainingSet, imgs: np.ndarray, rng: np.random.Gene
     image the text is false of, a hard text false of the image, a random image the text
     is false of, a structured negative and, on a flat corpus, its counterfactual twin.
     Draws from ``rng`` in a fixed order."""
-    from .rerank_partial import draw  # here: rerank_partial imports this package's features
-    from .rerank_truth import holds
-
     feats, part, cf = data.feats, data.partial, data.cf
     n = len(part.scenes)
     texts = np.array([part.pos_of[i][rng.integers(len(part.pos_of[i]))] for i in imgs])
-    neg_img = draw(part.text_nn, part.text_weights, texts, rng)
-    neg_txt = draw(part.image_nn, part.image_weights, imgs, rng)
+    # A row with no false neighbour has all-zero weights: _draw then picks its last
+    # column, which holds -1.
+    neg_img = _draw(part.text_nn, part.text_weights, texts, rng)
+    neg_txt = _draw(part.image_nn, part.image_weights, imgs, rng)
     rand_img = rng.integers(0, n, len(imgs))
     B = len(imgs)
     every = np.arange(B)

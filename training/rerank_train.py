@@ -48,16 +48,26 @@ from xmodal.crossmodal.encoder import Encoder
 from xmodal.crossmodal.metrics import retrieval_recall
 from xmodal.crossmodal.pairs import read_pairs
 from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig, itm_loss
+from xmodal.search.evaluate import read_queries
 
 from .config import RerankTrainConfig
+from .counterfactual import demo_images
 from .loop import seed_all, set_lr, warmup_cosine
+from .queries import queries_beside
 from .rerank_eval import (
     Features,
     compositional_accuracy,
     reranked_query_map,
     reranked_recall,
 )
-from .rerank_features import TrainingSet, compositional_set, features_for, training_set
+from .rerank_features import (
+    TrainingSet,
+    compositional_set,
+    features_for,
+    text_features,
+    training_set,
+)
+from .rerank_partial import PartialTruth, partial_truth_set
 from .rerank_sampling import (
     HardNegatives,
     StepPairs,
@@ -189,21 +199,16 @@ RECALL_SLACK = 0.005
 
 
 def val_queries_path(cfg: RerankTrainConfig) -> Path | None:
-    """The queries that choose w: --val-queries, or queries-val.jsonl beside --val."""
+    """The queries that choose w: --val-queries, or the query set beside --val."""
     if cfg.val_queries:
         return Path(cfg.val_queries)
-    beside = Path(cfg.val).parent / "queries-val.jsonl" if cfg.val else None
-    return beside if beside is not None and beside.is_file() else None
+    return queries_beside(cfg.val) if cfg.val else None
 
 
 def query_map_by_weight(
     model: CrossModalReranker, encoder: Encoder, vfeats: Features, val_pairs, path: Path, k: int
 ) -> dict[float, float]:
     """mAP@100 of the val queries at ``path`` over the val images, per fusion weight."""
-    from xmodal.search.evaluate import read_queries
-
-    from .rerank_features import text_features
-
     queries = read_queries(path, val_pairs)
     relevant = np.zeros((len(queries.texts), len(val_pairs.images)), bool)
     for q, images in enumerate(queries.relevant):
@@ -303,12 +308,9 @@ def save_run(
     return metrics
 
 
-def partial_truth(encoder: Encoder, data: TrainingSet, seed: int) -> Any:
+def partial_truth(encoder: Encoder, data: TrainingSet, seed: int) -> PartialTruth | None:
     """The partial-truth set of a demo corpus's training pairs (None for other pairs,
     which carry no scene to check a text against: they train as before)."""
-    from .counterfactual import demo_images
-    from .rerank_partial import partial_truth_set
-
     demo = demo_images(data.pairs.source, data.pairs.images)
     if any(d is None for d in demo):
         print("not a demo corpus: partial-truth training needs scenes; training without it")
