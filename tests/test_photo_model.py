@@ -26,7 +26,7 @@ from xmodal.indexer.options import IndexOptions
 from xmodal.indexer.pipeline import run_index
 from xmodal.indexer.verify import verify_bundle
 from xmodal.search.engine import ModelMismatchError, SearchEngine
-from xmodal.training.photo_set import build_photo_set
+from xmodal.training.photo_set import build_photo_set, load_spec
 
 PHOTO_DIR = BUILTIN_MODELS[DEFAULT_MODEL]
 
@@ -84,6 +84,22 @@ def test_a_cat_photo_ranks_first_for_a_cat(photo_encoder: Encoder, photos: Path)
     names = sorted(p.name for p in photos.iterdir())
     images = photo_encoder.encode_images([_open(photos / n) for n in names])
     queries = {"a cat": "chelsea", "a cup of coffee": "coffee"}
+    scores = photo_encoder.encode_texts(list(queries)) @ images.T
+    for (query, want), row in zip(queries.items(), scores, strict=True):
+        assert names[int(np.argmax(row))].split(".")[0] == want, query
+
+
+def test_a_dog_and_an_insect_rank_first_among_the_wallpapers_too(
+    photo_encoder: Encoder, tmp_path: Path
+) -> None:
+    spec = load_spec()["wallpapers"]
+    if not all(Path(p["file"]).is_file() for p in spec["photos"]):
+        pytest.skip("Debian's wallpaper packages are not installed (.ci/run installs them)")
+    build_photo_set(tmp_path, wallpapers=True)
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert len(names) == 49
+    images = photo_encoder.encode_images([_open(tmp_path / "images" / n) for n in names])
+    queries = {"a dog": "dogs", "an insect": "dragonfly", "a cat": "chelsea"}
     scores = photo_encoder.encode_texts(list(queries)) @ images.T
     for (query, want), row in zip(queries.items(), scores, strict=True):
         assert names[int(np.argmax(row))].split(".")[0] == want, query

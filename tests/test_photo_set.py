@@ -19,6 +19,7 @@ from xmodal.crossmodal.errors import XmodalError
 from xmodal.crossmodal.pairs import read_pairs
 from xmodal.search.evaluate import read_queries
 from xmodal.training.photo_set import (
+    DEBIAN_PREFIX,
     MissingPhotoPackageError,
     build_photo_set,
     load_spec,
@@ -27,6 +28,12 @@ from xmodal.training.photo_set import (
 from xmodal.cli import main
 
 PACKAGES = ("skimage", "sklearn", "matplotlib", "mahotas", "pywt")
+WALLPAPERS = load_spec()["wallpapers"]
+needs_wallpapers = pytest.mark.skipif(
+    not all(Path(p["file"]).is_file() for p in WALLPAPERS["photos"]),
+    reason="Debian's wallpaper packages are not installed (.ci/run installs them): "
+    "apt-get install lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers",
+)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +159,43 @@ def test_photo_set_and_eval_commands(photo_set: tuple[Path, dict], tiny_checkpoi
     animal = next(p for p in q["per_query"] if p["query"] == "an animal")
     assert animal["relevant"] == 1 and 1 / 21 - 1e-9 <= animal["AP"] <= 1.0
     assert 1 / animal["AP"] == pytest.approx(round(1 / animal["AP"]))
+
+
+@needs_wallpapers
+def test_wallpapers_extend_the_set_and_its_queries(tmp_path: Path) -> None:
+    counts = build_photo_set(tmp_path, wallpapers=True)
+    assert (counts["images"], counts["val"], counts["test"], counts["queries"]) == (49, 72, 62, 24)
+    val, test = read_pairs(tmp_path / "val.jsonl"), read_pairs(tmp_path / "test.jsonl")
+    # Plasma's photos have test captions only: the val file ranks the other 36.
+    assert (len(val.images), len(val.captions)) == (36, 72)
+    assert (len(test.images), len(test.captions)) == (49, 62)
+    queries = read_queries(tmp_path / "queries.jsonl", test)
+    spec = load_spec()
+    assert queries.texts == [q["query"] for q in WALLPAPERS["queries"]]
+    # Every core query is kept, with its core photos among its relevant ones.
+    extended = {q["query"]: set(q["relevant"]) for q in WALLPAPERS["queries"]}
+    for query in spec["queries"]:
+        assert set(query["relevant"]) <= extended[query["query"]], query["query"]
+    # An RGB JPEG is copied byte for byte from the Debian package.
+    for photo in WALLPAPERS["photos"]:
+        source = Path(photo["file"])
+        written = next((tmp_path / "images").glob(photo["id"] + ".*"))
+        with Image.open(source) as im:
+            copied = im.format == "JPEG" and im.mode == "RGB"
+        if copied:
+            assert written.read_bytes() == source.read_bytes(), photo["id"]
+
+
+def test_a_missing_debian_package_is_one_line_naming_apt_get(tmp_path: Path) -> None:
+    spec = load_spec()
+    photo = spec["wallpapers"]["photos"][0]
+    photo["package"] = DEBIAN_PREFIX + "xmodal-no-such-wallpapers"
+    photo["file"] = str(tmp_path / "absent" / "photo.jpg")
+    with pytest.raises(MissingPhotoPackageError) as err:
+        build_photo_set(tmp_path / "out", spec, wallpapers=True)
+    message = str(err.value)
+    assert "\n" not in message and "apt-get install " in message
+    assert "xmodal-no-such-wallpapers" in message.split("apt-get install ")[1]
+    assert not (tmp_path / "out").exists()  # nothing written before the check
+    # Without the flag the Debian photos are not needed.
+    assert build_photo_set(tmp_path / "core", spec)["images"] == 21

@@ -4,8 +4,10 @@ The photos and their captions are chosen in ``photo_set.json`` (beside this modu
 each photo is a file inside an installed package (scikit-image, scikit-learn,
 matplotlib, mahotas, PyWavelets) with two "val" captions, for tuning the photo model,
 and one "test" caption, evaluated once after tuning; the queries each name several
-relevant photos. ``build_photo_set`` writes it in the pairs format ``xmodal eval``
-reads::
+relevant photos. Its "wallpapers" section adds photographs that Debian's wallpaper
+packages ship (``"package": "deb:NAME"``, an absolute ``file``), captioned after the
+model's recipe was fixed, and queries over both; ``wallpapers=True`` includes them.
+``build_photo_set`` writes the set in the pairs format ``xmodal eval`` reads::
 
     out/images/<id>.png|.jpg   the photos, RGB
     out/val.jsonl              {"image": "images/<id>.png", "caption": ...}, 2 per photo
@@ -34,6 +36,8 @@ from xmodal.crossmodal.errors import XmodalError
 SPEC_FILE = "photo_set.json"
 # Import name -> the name pip installs it by, where they differ.
 PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "pywt": "PyWavelets"}
+# A photo's "package" with this prefix names a Debian package; its "file" is absolute.
+DEBIAN_PREFIX = "deb:"
 COPIED_FORMATS = {"PNG": ".png", "JPEG": ".jpg"}
 
 
@@ -63,9 +67,36 @@ def _check_spec(spec: dict[str, Any]) -> None:
             )
 
 
+def with_wallpapers(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with its "wallpapers" photos added and its queries replaced by theirs."""
+    extra = spec["wallpapers"]
+    return {
+        "about": spec["about"],
+        "photos": spec["photos"] + extra["photos"],
+        "queries": extra["queries"],
+    }
+
+
+def _check_debian_files(photos: list[dict[str, Any]]) -> None:
+    """A MissingPhotoPackageError naming every Debian package whose photo files are
+    absent, and its ``apt-get install`` line."""
+    missing = {
+        p["package"].removeprefix(DEBIAN_PREFIX): p["file"]
+        for p in photos
+        if p["package"].startswith(DEBIAN_PREFIX) and not Path(p["file"]).is_file()
+    }
+    if missing:
+        names = " ".join(missing)
+        first = next(iter(missing.values()))
+        raise MissingPhotoPackageError(
+            f"the photo set's wallpapers need Debian packages {names} (no {first}): "
+            f"apt-get install {names}"
+        )
+
+
 def package_folders(packages: list[str]) -> dict[str, list[Path]]:
-    """Each package's folders, found without importing it; a MissingPhotoPackageError
-    naming every missing one and its ``pip install`` line."""
+    """Each Python package's folders, found without importing it; a
+    MissingPhotoPackageError naming every missing one and its ``pip install`` line."""
     found: dict[str, list[Path]] = {}
     missing: list[str] = []
     for name in dict.fromkeys(packages):  # each once, in order
@@ -138,16 +169,25 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def build_photo_set(out: Path, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the photo set (default: the packaged spec) under ``out``.
+def build_photo_set(
+    out: Path, spec: dict[str, Any] | None = None, wallpapers: bool = False
+) -> dict[str, Any]:
+    """Write the photo set (default: the packaged spec) under ``out``; with
+    ``wallpapers``, its Debian wallpaper photos and their queries too.
 
     Returns counts ("images", "val", "test", "queries"), the files written ("files")
     and where each photo came from ("sources": id -> package-relative path).
     """
     spec = load_spec() if spec is None else spec
+    if wallpapers:
+        spec = with_wallpapers(spec)
     _check_spec(spec)
-    folders = package_folders([p["package"] for p in spec["photos"]])
-    sources = {p["id"]: _source(p, folders[p["package"]]) for p in spec["photos"]}
+    debian = [p for p in spec["photos"] if p["package"].startswith(DEBIAN_PREFIX)]
+    python = [p for p in spec["photos"] if not p["package"].startswith(DEBIAN_PREFIX)]
+    _check_debian_files(debian)
+    folders = package_folders([p["package"] for p in python])
+    sources = {p["id"]: _source(p, folders[p["package"]]) for p in python}
+    sources |= {p["id"]: Path(p["file"]) for p in debian}
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)

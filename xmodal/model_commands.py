@@ -213,12 +213,20 @@ def train_reranker_cmd(model_name: str | None, **kwargs: Any) -> None:
     required=True,
     help="Output folder (e.g. data/photos).",
 )
-def photo_set_cmd(out: Path) -> None:
+@click.option(
+    "--wallpapers/--no-wallpapers",
+    default=False,
+    help="Add the photographs Debian's wallpaper packages ship (apt-get install "
+    "lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers), "
+    "captioned after the photo model was fixed, and queries over all.",
+)
+def photo_set_cmd(out: Path, wallpapers: bool) -> None:
     """Write the real-photo benchmark: photos that installed packages ship (scikit-image,
-    scikit-learn, matplotlib, mahotas, PyWavelets), val/test captions and a query set."""
+    scikit-learn, matplotlib, mahotas, PyWavelets; with --wallpapers, Debian's wallpaper
+    packages too), val/test captions and a query set."""
     from xmodal.training import build_photo_set
 
-    counts = build_photo_set(out)
+    counts = build_photo_set(out, wallpapers=wallpapers)
     files = counts["files"]
     click.echo(
         f"wrote {out}: {counts['images']} images ({files['images']}), "
