@@ -17,7 +17,7 @@ from open_clip.transformer import text_global_pool
 from PIL import Image
 
 from .loading import LoadedModel, ModelIdentity, load_model
-from .threads import configure_threads, ensure_threads_configured
+from .threads import PASS_SIZE, configure_threads, ensure_threads_configured
 
 
 class Encoder:
@@ -82,6 +82,13 @@ class Encoder:
         """(height, width) the image tower takes."""
         size = getattr(self.model.visual, "image_size", 224)
         return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def pass_size(self) -> int:
+        """Images per inference pass on one thread: what the image tower declares
+        (``inference_pass``), else ``threads.PASS_SIZE``."""
+        trunk = getattr(self.model.visual, "trunk", None)
+        return int(getattr(trunk, "inference_pass", None) or PASS_SIZE)
 
     def describe(self) -> dict[str, Any]:
         """Identity plus shapes, for ``xmodal info`` and benchmarks."""

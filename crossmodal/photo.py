@@ -123,6 +123,11 @@ class ConSETower(nn.Module):
     folder's weights file; the backbone's tensors come from the pinned package.
     """
 
+    # Images per inference pass on one thread (``Encoder.pass_size``): at 224 px this
+    # network's early activations outgrow a core's cache beyond a few images, so small
+    # passes run faster (bench/README.md, "Inference pass size").
+    inference_pass = 4
+
     def __init__(
         self,
         embed_dim: int,

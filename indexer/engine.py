@@ -125,7 +125,7 @@ class LocalEngine:
         """Encode a batch in passes on the streams (while the caller commits the last)."""
         self._start()
         assert self._streams is not None
-        return self._streams.submit(self._pass, list(decoded))
+        return self._streams.submit(self._pass, list(decoded), self.encoder.pass_size)
 
     def _pass(self, decoded: Sequence[Decoded]) -> Outputs:
         return encode_pass(self.encoder, self.pixel_format, decoded, self.with_tokens)

@@ -105,6 +105,22 @@ def test_a_dog_and_an_insect_rank_first_among_the_wallpapers_too(
         assert names[int(np.argmax(row))].split(".")[0] == want, query
 
 
+def test_small_inference_passes_give_the_same_vectors(
+    photo_encoder: Encoder, photos: Path
+) -> None:
+    from xmodal.crossmodal.threads import PASS_SIZE
+
+    # The photo tower runs in passes of 4 (faster on a CPU); others keep the default.
+    assert photo_encoder.pass_size == 4 < PASS_SIZE
+    assert Encoder.load("xmodal-shapes").pass_size == PASS_SIZE
+    names = sorted(p.name for p in photos.iterdir())[:8]
+    x = torch.stack([photo_encoder.preprocess_image(_open(photos / n)) for n in names])
+    whole, whole_visual = photo_encoder.encode_image_spaces(x)
+    parts = [photo_encoder.encode_image_spaces(x[i : i + 4]) for i in (0, 4)]
+    np.testing.assert_allclose(np.concatenate([p[0] for p in parts]), whole, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole_visual, atol=1e-4)
+
+
 def test_changed_backbone_weights_are_refused(tmp_path: Path, photos: Path) -> None:
     # A copy of the package whose weights differ by one byte, found first on the path.
     real = backbone_weights_path(LITE0)

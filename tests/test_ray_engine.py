@@ -217,3 +217,24 @@ def test_actors_get_the_models_identity_and_refuse_other_weights(
         ModelSpec(tiny.name, tiny.pretrained, "0" * 64).load("cpu")
     with pytest.raises(RayEngineError, match="random weights"):
         ModelSpec.of(Encoder.load("xmodal-tiny", None))
+
+
+def test_cpu_layout_decodes_in_the_actors_and_refuses_decode_workers(
+    ray_head: str, default_encoder, tmp_path: Path
+) -> None:
+    from xmodal.indexer.ray_cluster import RayEngineError
+    from xmodal.indexer.ray_engine import RayEngine
+
+    def engine(**kw: object) -> RayEngine:
+        opts = IndexOptions(bundle=tmp_path / "b", roots=[tmp_path], engine="ray", **kw)
+        return RayEngine(default_encoder, opts, with_tokens=False)
+
+    lay = engine().layout()
+    # One actor per CPU, each decoding its own batches: no decode tasks beside them.
+    assert (lay["actors"], lay["actor_cpus"], lay["decoders"], lay["fused"]) == (CPUS, 1.0, 0, 1)
+    hashing = engine().layout(encode=False)  # rename / touch checks: no model, no actors
+    assert hashing["actors"] == 0 and hashing["decoders"] >= CPUS
+    with pytest.raises(RayEngineError, match="--decode-workers is for GPU encoders"):
+        engine(decode_workers=4).layout()
+    with pytest.raises(RayEngineError, match="the Ray cluster has 2"):
+        engine(encode_workers=3).layout()

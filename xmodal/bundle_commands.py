@@ -216,14 +216,15 @@ def _check_vector_store(url: str | None) -> None:
     "--decode-workers",
     type=click.IntRange(1, 4096),
     default=None,
-    help="--engine ray: concurrent decode tasks (default: the CPUs the encoders leave).",
+    help="--engine ray with --gpus-per-worker: concurrent decode tasks on the CPUs "
+    "(default: the CPUs the encoders leave); on CPUs the encoder actors decode.",
 )
 @click.option(
     "--encode-workers",
     type=click.IntRange(1, 4096),
     default=None,
     help="--engine ray: encoder actors, each loading the model once (default: one per "
-    "--gpus-per-worker GPUs, else one per two CPUs).",
+    "--gpus-per-worker GPUs, else one per CPU, decoding its own batches).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 def index(
