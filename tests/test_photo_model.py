@@ -105,9 +105,7 @@ def test_a_dog_and_an_insect_rank_first_among_the_wallpapers_too(
         assert names[int(np.argmax(row))].split(".")[0] == want, query
 
 
-def test_small_inference_passes_give_the_same_vectors(
-    photo_encoder: Encoder, photos: Path
-) -> None:
+def test_small_inference_passes_give_the_same_vectors(photo_encoder: Encoder, photos: Path) -> None:
     from xmodal.crossmodal.threads import PASS_SIZE
 
     # The photo tower runs in passes of 4 (faster on a CPU); others keep the default.
