@@ -37,7 +37,11 @@ from xmodal.training.counterfactual import (
     twin_scene,
 )
 from xmodal.training.negatives import negative, relation_flip
-from xmodal.training.rerank_features import Counterfactuals, counterfactual_set
+from xmodal.training.rerank_features import (
+    Counterfactuals,
+    compositional_set,
+    counterfactual_set,
+)
 from xmodal.training.rerank_train import train_reranker
 
 
@@ -258,3 +262,29 @@ def test_reversed_twins_are_also_named_by_the_flipped_relation(twins) -> None:
                 assert text == captions(twin)[template_of(d.scene, pairs.captions[c])]
                 templated += 1
     assert flipped > 0 and templated > 0
+
+
+def test_a_varied_symmetric_scene_keeps_its_flipped_caption_out_of_the_negatives(
+    tmp_path: Path, tiny_local_dir: Path
+) -> None:
+    # Seed 8's val holds "a large turquoise rhombus right of a large turquoise diamond"
+    # (the same object twice): flipped, it still describes its picture.
+    spec = CorpusSpec(
+        seed=8, train_size=4, val_size=40, test_size=2, test_shifted_size=0, style="varied"
+    )
+    write_corpus(tmp_path, spec, workers=1, progress=False)
+    pairs = read_pairs(tmp_path / "val.jsonl")
+    caps_of = pairs.captions_of()
+    demo = demo_images(pairs.source, pairs.images)
+    enc = Encoder.load(f"local-dir:{tiny_local_dir}")
+    rows, (*_, pos), (*_, neg) = compositional_set(enc, pairs, caps_of, seed=0)
+    flippable = [
+        i
+        for i, d in enumerate(demo)
+        if symmetric(d.scene) and relation_flip(pairs.captions[caps_of[i][0]])
+    ]
+    assert flippable  # the case is there
+    for row, true, swapped in zip(rows.tolist(), pos, neg, strict=True):
+        if row in flippable:
+            assert swapped != relation_flip(true), true
+    assert len(rows) > 20  # the other images still get their negatives

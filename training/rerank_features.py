@@ -30,7 +30,6 @@ from .counterfactual import (
     render_twin,
     reversed_order,
     symmetric,
-    template_of,
     twin_caption,
     twin_scene,
 )
@@ -124,10 +123,12 @@ def compositional_set(
             continue
         own = {pairs.captions[c] for c in cs}
         true = pairs.captions[cs[0]]
-        # "a blue star left of a blue star" flipped is still true of its picture.
+        # "a blue star left of a blue star" flipped is still true of its picture: a
+        # symmetric scene is its own reversal, so any caption of it, flat or varied,
+        # full or partial, holds with its relation flipped.
         d = demo[i]
         flip = relation_flip(true)
-        if flip and d is not None and template_of(d.scene, true) is not None and symmetric(d.scene):
+        if flip and d is not None and symmetric(d.scene):
             own.add(flip)
         twin = negative(true, rng, avoid=own)
         if twin is not None:
