@@ -28,6 +28,10 @@ class Encoder:
         self.loaded = loaded
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
+        # A tower that can fold its batch norms for inference (the photo model's) does so.
+        fuse = getattr(getattr(self.model.visual, "trunk", None), "fuse_for_inference", None)
+        if fuse is not None:
+            fuse()
         self.identity: ModelIdentity = loaded.identity
         self.preprocess = loaded.preprocess
         self.tokenizer = loaded.tokenizer

@@ -115,6 +115,36 @@ def load_backbone_weights(net: nn.Module, backbone: PackagedBackbone = LITE0) ->
     net.load_state_dict(converted)
 
 
+# (conv, batch norm) attribute pairs that run back to back, per timm EfficientNet module.
+_CONV_BN_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+}
+
+
+@torch.no_grad()
+def fuse_batch_norms(net: nn.Module) -> int:
+    """Fold each batch norm's inference statistics into the convolution before it (the
+    activation stays): the same function in eval mode, one op fewer per layer. The
+    number of pairs fused."""
+    fused = 0
+    for module in list(net.modules()):
+        for conv_name, bn_name in _CONV_BN_PAIRS.get(type(module).__name__, ()):
+            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+            if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [C_out]
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            # timm's BatchNormAct2d applies drop and activation after the norm.
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m]
+            setattr(module, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+            fused += 1
+    return fused
+
+
 class ConSETower(nn.Module):
     """EfficientNet-Lite + ConSE head, with the timm interface open_clip's ``TimmModel``
     uses (``forward_features``, ``forward_head``, ``reset_classifier``, ``num_features``).
@@ -148,6 +178,14 @@ class ConSETower(nn.Module):
         self.visual_dim = backbone.visual_dim  # the second space (see module docstring)
         self.default_cfg: dict[str, Any] = {"pool_size": None, "num_classes": embed_dim}
         self.pretrained_cfg = self.default_cfg
+        self._fused = False
+
+    def fuse_for_inference(self) -> None:
+        """Fold the backbone's batch norms into its convolutions (``Encoder`` calls this
+        once, after loading: the weights are checked and the model is in eval mode)."""
+        if not self._fused:
+            fuse_batch_norms(self.backbone)
+            self._fused = True
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """The ConSE head is the classifier; open_clip may only ask for what it is."""

@@ -119,6 +119,23 @@ def test_small_inference_passes_give_the_same_vectors(photo_encoder: Encoder, ph
     np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole_visual, atol=1e-4)
 
 
+def test_batch_norms_are_folded_without_changing_the_output(
+    photo_encoder: Encoder, photos: Path
+) -> None:
+    from xmodal.crossmodal.loading import load_model
+
+    fused = photo_encoder.model.visual.trunk
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    raw = load_model(DEFAULT_MODEL).model.eval().visual.trunk  # as loaded, not folded
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in raw.modules()) == 49
+    names = sorted(p.name for p in photos.iterdir())[:4]
+    x = torch.stack([photo_encoder.preprocess_image(_open(photos / n)) for n in names])
+    with torch.inference_mode():
+        fmap_fused, fmap_raw = fused.forward_features(x), raw.forward_features(x)
+        torch.testing.assert_close(fmap_fused, fmap_raw, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused(x), raw(x), atol=1e-5, rtol=0)
+
+
 def test_changed_backbone_weights_are_refused(tmp_path: Path, photos: Path) -> None:
     # A copy of the package whose weights differ by one byte, found first on the path.
     real = backbone_weights_path(LITE0)
