@@ -102,9 +102,10 @@ def model_alone(enc: Encoder, paths: list[Path], tokens: bool) -> dict[str, floa
     out = {"batch": batch}
     # Passes of PASS_SIZE, and of the tower's own pass size where it declares one (the
     # indexer's): the baseline and the choice, side by side in one run.
-    for key, size in (("streams", PASS_SIZE), ("streams_model", enc.pass_size)):
-        if key != "streams" and size == PASS_SIZE:
-            continue
+    sizes = {"streams": PASS_SIZE}
+    if enc.pass_size != PASS_SIZE:
+        sizes["streams_model"] = enc.pass_size
+    for key, size in sizes.items():
         with inference_streams() as streams:
             streams.submit(lambda part: (fn(part)[0],), x[:BATCH], size).result()  # warm-up
             t0 = time.perf_counter()

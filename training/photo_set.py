@@ -78,12 +78,12 @@ def with_wallpapers(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_debian_files(photos: list[dict[str, Any]]) -> None:
-    """A MissingPhotoPackageError naming every Debian package whose photo files are
-    absent, and its ``apt-get install`` line."""
+    """For photos from Debian packages: a MissingPhotoPackageError naming every package
+    whose photo files are absent, and its ``apt-get install`` line."""
     missing = {
         p["package"].removeprefix(DEBIAN_PREFIX): p["file"]
         for p in photos
-        if p["package"].startswith(DEBIAN_PREFIX) and not Path(p["file"]).is_file()
+        if not Path(p["file"]).is_file()
     }
     if missing:
         names = " ".join(missing)
