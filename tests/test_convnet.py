@@ -61,6 +61,10 @@ def test_a_trained_cnn_model_loads_back_and_gives_grid_tokens(tiny_cnn_dir: Path
         ref = F.normalize(enc.model.encode_image(x), dim=-1).numpy()
     np.testing.assert_allclose(emb, ref, atol=1e-5)
     np.testing.assert_allclose(enc.encode_image_tensors(x), ref, atol=1e-5)
+    # The encoder runs the tower's convolutions channels-last (faster on oneDNN); the
+    # vectors above are those of plain open_clip's contiguous layout below.
+    convs = [m for m in enc.model.visual.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     # Plain open_clip loads the folder too, once the tower is registered with timm.
     import open_clip
     import xmodal.crossmodal.convnet  # noqa: F401

@@ -119,13 +119,15 @@ def test_small_inference_passes_give_the_same_vectors(photo_encoder: Encoder, ph
     np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole_visual, atol=1e-4)
 
 
-def test_batch_norms_are_folded_without_changing_the_output(
+def test_batch_norms_are_folded_and_convolutions_channels_last_without_changing_the_output(
     photo_encoder: Encoder, photos: Path
 ) -> None:
     from xmodal.crossmodal.loading import load_model
 
     fused = photo_encoder.model.visual.trunk
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     raw = load_model(DEFAULT_MODEL).model.eval().visual.trunk  # as loaded, not folded
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in raw.modules()) == 49
     names = sorted(p.name for p in photos.iterdir())[:4]
