@@ -29,9 +29,11 @@ from xmodal.training.corpus import (
     plan_splits,
     write_corpus,
 )
+from xmodal.training.negatives import relation_flip
 from xmodal.training.vocabulary import (
     HELD_OUT_RELATIONS,
     HELD_OUT_SYNONYMS,
+    ORDERS,
     RELATIONS,
     SYNONYMS,
 )
@@ -117,11 +119,7 @@ def _phrases() -> list[tuple[str, str, str]]:
     out += [(w, kind, v) for kind, vals in HELD_OUT_SYNONYMS.items() for v, w in vals.items()]
     out += [(w, "relation", f"{a}:{d}") for (a, d), ws in RELATIONS.items() for w in ws]
     out += [(w, "relation", f"{a}:{d}") for (a, d), w in HELD_OUT_RELATIONS.items()]
-    out += [
-        (w, "order", arr)
-        for arr, ws in (("row", ("left to right",)), ("column", ("top to bottom",)))
-        for w in ws
-    ]
+    out += [(w, "order", f"{a}:{d}") for (a, d), w in ORDERS.items()]
     return out
 
 
@@ -175,8 +173,8 @@ def _true_of(scene: Scene, text: str) -> bool:
             kind, arrangement, *direction = mark.split(":")
             if arrangement != scene.arrangement or len(scene.objects) < 2:
                 ok = False
-            elif kind == "order":  # "from left to right: a, b and c"
-                ok &= list(where) == sorted(where)
+            elif kind == "order":  # "from left to right: a, b and c" / "right to left"
+                ok &= list(where) == sorted(where, reverse=direction == ["backward"])
             else:  # "x left of y": the mentions either side of the phrase
                 x, y = where[pos - 1], where[pos]
                 ok &= x < y if direction == ["before"] else x > y
@@ -215,6 +213,36 @@ def test_every_caption_is_true_of_its_scene(style: str) -> None:
                     assert full, (scene, text)  # val/test: recall@1 stays well defined
                 partial += not full
     assert partial > 300 if style == "varied" else partial == 0
+
+
+@pytest.mark.parametrize("style", ["varied", "flat"])
+def test_a_relation_flip_reads_as_the_mirrored_scene_in_the_captions_own_words(
+    style: str,
+) -> None:
+    """Every spatial phrase flips to the one the generator uses for the reversed order
+    ("on top of" -> "beneath", never "on bottom of"), so the flip is true of the mirrored
+    scene, keeps every relation the parser reads, and uses only caption words."""
+    spec = CorpusSpec(seed=3, train_size=200, val_size=60, test_size=60, style=style)
+    words = {p for p, _, _ in _phrases()}
+    flipped = backward = 0
+    for split, scenes in plan_splits(spec).items():
+        for i, scene in enumerate(scenes):
+            mirror = Scene(scene.background, scene.arrangement, scene.objects[::-1])
+            for text in image_captions(spec, split, i, scene):
+                backward += any(f"{w}:" in text for w in ("right to left", "bottom to top"))
+                flip = relation_flip(text)
+                if flip is None or len(scene.objects) < 2:
+                    continue
+                flipped += 1
+                assert "on bottom of" not in flip, (text, flip)
+                assert relation_flip(flip) == text  # an involution
+                if style == "flat":  # its free templates ("b between a above and c below")
+                    continue  # are not for the parser; the test below checks them
+                assert _true_of(mirror, flip), (scene, text, flip)
+                assert len(_parse(flip)[1]) == len(_parse(text)[1]), (text, flip)
+                for order in re.findall(r"(?:from|row,|column,) ([a-z ]+?):", flip):
+                    assert order in words, flip  # "from right to left:", a caption's order
+    assert flipped > 100 and backward > 10
 
 
 def test_the_parser_catches_false_captions() -> None:

@@ -13,20 +13,19 @@ import random
 import re
 
 from .corpus import COLOR_NAMES, SHAPES, SIZES
+from .vocabulary import spatial_opposites
 
 ATTRIBUTES: dict[str, frozenset[str]] = {
     "color": frozenset(COLOR_NAMES) | {"white", "black", "gray", "grey", "brown"},
     "shape": frozenset(SHAPES),
     "size": frozenset(SIZES) | {"big", "tiny"},
 }
-RELATION_FLIP = {
-    "left": "right",
-    "right": "left",
-    "above": "below",
-    "below": "above",
-    "top": "bottom",
-    "bottom": "top",
-}
+# Longest phrase first, whole words only: "on top of" flips as a phrase, not as "top".
+RELATION_FLIP = spatial_opposites()
+_RELATION = re.compile(
+    r"\b(" + "|".join(re.escape(p) for p in sorted(RELATION_FLIP, key=len, reverse=True)) + r")\b",
+    re.IGNORECASE,
+)
 _SPLIT = re.compile(r"(\W+)")
 
 
@@ -55,11 +54,12 @@ def swaps(caption: str) -> list[tuple[str, str]]:
 
 
 def relation_flip(caption: str) -> str | None:
-    """The caption with every spatial word flipped ("left" <-> "right", "above" <->
-    "below", ...), or None when it has none. It describes the objects' order reversed.
+    """The caption with every spatial phrase flipped to its opposite ("left of" <->
+    "right of", "on top of" <-> "beneath", "from left to right" <-> "from right to
+    left"; ``vocabulary.spatial_opposites``), or None when it has none. It describes
+    the objects' order reversed, in words the captions themselves use.
     """
-    parts = _SPLIT.split(caption)
-    text = "".join(RELATION_FLIP.get(p.lower(), p) for p in parts)
+    text = _RELATION.sub(lambda m: RELATION_FLIP[m.group(1).lower()], caption)
     return text if text != caption else None
 
 

@@ -114,7 +114,7 @@ RELATIONS: dict[tuple[str, str], tuple[str, ...]] = {
     ("row", "before"): ("to the left of", "left of", "on the left of"),
     ("row", "after"): ("to the right of", "right of", "on the right of"),
     ("column", "before"): ("above", "on top of", "higher than"),
-    ("column", "after"): ("below", "beneath", "underneath"),
+    ("column", "after"): ("below", "beneath", "lower than"),
 }
 HELD_OUT_RELATIONS: dict[tuple[str, str], str] = {
     ("row", "before"): "on the left-hand side of",
@@ -122,6 +122,34 @@ HELD_OUT_RELATIONS: dict[tuple[str, str], str] = {
     ("column", "before"): "over",
     ("column", "after"): "under",
 }
+# Reading orders of a list of three: forward is left to right / top to bottom.
+ORDERS: dict[tuple[str, str], str] = {
+    ("row", "forward"): "left to right",
+    ("row", "backward"): "right to left",
+    ("column", "forward"): "top to bottom",
+    ("column", "backward"): "bottom to top",
+}
+
+
+def spatial_opposites() -> dict[str, str]:
+    """Each spatial phrase the captions use -> the phrase of the reversed order: the
+    relations pair by position ("on top of" <-> "beneath", not "on bottom of"), reading
+    orders and held-out relations with their opposites, and the single words of the
+    flat templates' free wording ("the circle on the left", "at the top")."""
+    out = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    out |= {"top": "bottom", "bottom": "top"}
+    for arrangement in ARRANGEMENTS:
+        pairs = zip(RELATIONS[arrangement, "before"], RELATIONS[arrangement, "after"], strict=True)
+        pairs = [
+            *pairs,
+            (HELD_OUT_RELATIONS[arrangement, "before"], HELD_OUT_RELATIONS[arrangement, "after"]),
+        ]
+        pairs.append((ORDERS[arrangement, "forward"], ORDERS[arrangement, "backward"]))
+        for a, b in pairs:
+            out[a], out[b] = b, a
+    return out
+
+
 # Free wording around the description (none holds a held-out word: no "over").
 _LEADS = ("", "", "", "a picture of ", "an image of ", "a drawing of ", "there is ", "this shows ")
 _BACKDROPS = (
@@ -300,12 +328,14 @@ def _object(obj: Obj, mention: Mention, lex: Lexicon, force_held_out: bool = Fal
     return _article(f"{size}{color}{shape}")
 
 
-def _order_words(scene: Scene, lex: Lexicon, n: int) -> str:
-    """'from left to right' and the like, for a list of n >= 3 objects in reading order."""
+def _order_words(scene: Scene, lex: Lexicon, n: int, order: str) -> str:
+    """'from left to right:' and the like, for a list of n >= 3 objects read in ``order``
+    ("forward": left to right or top to bottom; "backward": the reverse)."""
     count = ("two", "three")[n - 2]
-    if scene.arrangement == "row":
-        return lex.rng.choice(("from left to right:", f"{count} shapes in a row, left to right:"))
-    return lex.rng.choice(("from top to bottom:", f"{count} shapes in a column, top to bottom:"))
+    phrase = ORDERS[scene.arrangement, order]
+    return lex.rng.choice(
+        (f"from {phrase}:", f"{count} shapes in a {scene.arrangement}, {phrase}:")
+    )
 
 
 def realise(scene: Scene, claim: Claim, lex: Lexicon) -> str:
@@ -329,8 +359,11 @@ def realise(scene: Scene, claim: Claim, lex: Lexicon) -> str:
             body = f"{a} {lex.relation(scene.arrangement, 'before')} {b}"
         else:
             body = f"{b} {lex.relation(scene.arrangement, 'after')} {a}"
-    else:
-        body = f"{_order_words(scene, lex, len(objs))} " + ", ".join(objs[:-1]) + " and "
+    else:  # read either way, as a person might ("from right to left: ...")
+        order = rng.choice(("forward", "backward"))
+        if order == "backward":
+            objs = objs[::-1]
+        body = f"{_order_words(scene, lex, len(objs), order)} " + ", ".join(objs[:-1]) + " and "
         body += objs[-1]
     lead = rng.choice(_LEADS)
     text = (lead if not body.startswith("from") else "") + body  # no "a picture of from..."
