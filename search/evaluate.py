@@ -351,6 +351,13 @@ def format_table(result: dict[str, Any]) -> str:
                 f"  {kind + ' swapped':<18}{k['pairs']:>5} images: "
                 f"dual {k['dual']:.3f}, reranked {k['reranked']:.3f}"
             )
+            if kind != "relation":
+                continue
+            for phrase, r in comp.get("by_relation", {}).items():
+                lines.append(
+                    f"    {phrase!r:<24}{r['pairs']:>5} images: "
+                    f"dual {r['dual']:.3f}, reranked {r['reranked']:.3f}"
+                )
     if "queries" in result:
         lines += ["", *format_queries(result["queries"])]
     for failure in result.get("failures", []):

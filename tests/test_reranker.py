@@ -19,7 +19,7 @@ from xmodal.crossmodal.reranker import CrossModalReranker, RerankerConfig, pad_t
 from xmodal.indexer.catalog import ImageTokens
 from xmodal.indexer.pipeline import IndexOptions, run_index
 from xmodal.search.engine import QueryError, SearchEngine
-from xmodal.training.negatives import negative, swap_kind, swaps
+from xmodal.training.negatives import RELATION_FLIP, negative, swap_kind, swaps
 from xmodal.training.rerank_train import grouped_logits, listwise_loss, train_reranker
 from xmodal.web import create_app
 
@@ -312,15 +312,21 @@ def test_eval_rerank_json(tiny_with_reranker: Path, small_corpus: Path) -> None:
     assert set(doc["dual"]) == {"text_to_image", "image_to_text"}
     assert set(doc["text_to_image"]) == {"R@1", "R@5", "R@10"}
     comp = doc["compositional"]
-    assert set(comp) == {"pairs", "dual", "reranked", "by_kind"}
+    assert set(comp) == {"pairs", "dual", "reranked", "by_kind", "by_relation"}
     assert comp["pairs"] > 0
     by_kind = comp["by_kind"]
     assert set(by_kind) <= {"color", "shape", "size", "relation"}
     assert sum(k["pairs"] for k in by_kind.values()) == comp["pairs"]
-    # The overall accuracy is the pair-weighted mean of the kinds'.
+    # The overall accuracy is the pair-weighted mean of the kinds', and the relation
+    # swaps' that of their spatial phrases ("to the left of", "from top to bottom").
+    by_relation = comp["by_relation"]
+    assert by_kind["relation"]["pairs"] > 0 and set(by_relation) <= set(RELATION_FLIP)
     for key in ("dual", "reranked"):
         mean = sum(k[key] * k["pairs"] for k in by_kind.values()) / comp["pairs"]
         assert mean == pytest.approx(comp[key])
+        rel = sum(k[key] * k["pairs"] for k in by_relation.values())
+        assert rel / by_kind["relation"]["pairs"] == pytest.approx(by_kind["relation"][key])
+    assert sum(k["pairs"] for k in by_relation.values()) == by_kind["relation"]["pairs"]
 
 
 TINY_COCA = {

@@ -20,7 +20,7 @@ from xmodal.search.evaluate import report_head
 from xmodal.search.limits import DEFAULT_RERANK_K
 from xmodal.search.rerank import load_scorer
 
-from .negatives import swap_kind
+from .negatives import relation_phrase, swap_kind
 from .rerank_eval import compositional_accuracy, fusion_weight, reranked_recall
 from .rerank_features import compositional_set, features_for
 
@@ -43,8 +43,12 @@ def evaluate_reranked(
     comp: dict[str, Any] = {"pairs": 0, "dual": None, "reranked": None}
     if len(rows):
         kinds = [swap_kind(p, n) for p, n in zip(pos[3], neg[3], strict=True)]
+        phrases = [
+            relation_phrase(p) if k == "relation" else None
+            for p, k in zip(pos[3], kinds, strict=True)
+        ]
         comp = compositional_accuracy(
-            scorer, feats.image_emb[rows], feats.image_tokens[rows], pos, neg, kinds
+            scorer, feats.image_emb[rows], feats.image_tokens[rows], pos, neg, kinds, phrases
         )
     return {
         **report_head(encoder, pairs_path, pairs, n_images - len(pairs.images)),

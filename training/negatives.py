@@ -63,6 +63,13 @@ def relation_flip(caption: str) -> str | None:
     return text if text != caption else None
 
 
+def relation_phrase(caption: str) -> str | None:
+    """The caption's first spatial phrase ("to the left of", "from right to left"), the
+    one a relation flip turns first; None without one."""
+    m = _RELATION.search(caption)
+    return m.group(1).lower() if m else None
+
+
 def negative(caption: str, rng: random.Random, avoid: set[str] | None = None) -> str | None:
     """One random compositional negative, or None when no swap changes the caption.
 

@@ -119,12 +119,15 @@ def compositional_accuracy(
     pos: tuple[np.ndarray, torch.Tensor, torch.Tensor],
     neg: tuple[np.ndarray, torch.Tensor, torch.Tensor],
     kinds: Sequence[str | None] | None = None,
+    relations: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """2-way accuracy: the true caption must outscore its swapped twin, image by image.
 
     ``pos`` and ``neg`` are (embeddings [N, D], tokens [N, L, Dt], mask [N, L]) of the
     true and the swapped caption of each image. With ``kinds`` (what each twin swapped)
-    the result also holds the accuracies per kind, under "by_kind".
+    the result also holds the accuracies per kind, under "by_kind"; with ``relations``
+    (the spatial phrase of each relation swap, None for other swaps), those of the
+    relation swaps per phrase, under "by_relation".
     """
     n = len(image_emb)
     dual_pos = np.sum(image_emb * pos[0], axis=1)
@@ -144,16 +147,25 @@ def compositional_accuracy(
         "reranked": float(np.mean(fused_ok)),
     }
     if kinds is not None:
-        by = np.array([k or "other" for k in kinds])
-        out["by_kind"] = {
-            str(k): {
-                "pairs": int(np.sum(by == k)),
-                "dual": float(np.mean(dual_ok[by == k])),
-                "reranked": float(np.mean(fused_ok[by == k])),
-            }
-            for k in sorted(set(by.tolist()))
-        }
+        out["by_kind"] = _breakdown([k or "other" for k in kinds], dual_ok, fused_ok)
+    if relations is not None:
+        out["by_relation"] = _breakdown(relations, dual_ok, fused_ok)
     return out
+
+
+def _breakdown(
+    labels: Sequence[str | None], dual_ok: np.ndarray, fused_ok: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Pairs and accuracies per label (pairs labelled None are left out)."""
+    by = np.array([label or "" for label in labels])
+    return {
+        str(k): {
+            "pairs": int(np.sum(by == k)),
+            "dual": float(np.mean(dual_ok[by == k])),
+            "reranked": float(np.mean(fused_ok[by == k])),
+        }
+        for k in sorted(set(by.tolist()) - {""})
+    }
 
 
 def reranked_query_map(
