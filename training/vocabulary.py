@@ -138,13 +138,12 @@ def spatial_opposites() -> dict[str, str]:
     flat templates' free wording ("the circle on the left", "at the top")."""
     out = {"left": "right", "right": "left", "above": "below", "below": "above"}
     out |= {"top": "bottom", "bottom": "top"}
-    for arrangement in ARRANGEMENTS:
-        pairs = zip(RELATIONS[arrangement, "before"], RELATIONS[arrangement, "after"], strict=True)
+    for arr in ARRANGEMENTS:
         pairs = [
-            *pairs,
-            (HELD_OUT_RELATIONS[arrangement, "before"], HELD_OUT_RELATIONS[arrangement, "after"]),
+            *zip(RELATIONS[arr, "before"], RELATIONS[arr, "after"], strict=True),
+            (HELD_OUT_RELATIONS[arr, "before"], HELD_OUT_RELATIONS[arr, "after"]),
+            (ORDERS[arr, "forward"], ORDERS[arr, "backward"]),
         ]
-        pairs.append((ORDERS[arrangement, "forward"], ORDERS[arrangement, "backward"]))
         for a, b in pairs:
             out[a], out[b] = b, a
     return out
