@@ -202,6 +202,7 @@ def test_index_uses_the_photo_model_unless_told_and_warns_for_shapes(
     scenes.mkdir()
     for i in range(3):
         scene(i, 128).save(scenes / f"{i}.png")
+    scene(3, 224).save(scenes / "3.jpg", quality=85)  # varied corpora recompress to JPEG
     demo = _cli("index", str(scenes), "--bundle", str(tmp_path / "d"), "--model", "xmodal-shapes")
     assert demo.returncode == 0 and "warning" not in demo.stderr
 
