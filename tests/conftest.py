@@ -75,11 +75,15 @@ def default_encoder():
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small demo corpus: 96 train, 24 val, 24 test, 12 test-shifted images."""
+    """A small demo corpus: 96 train, 24 val, 24 test, 12 test-shifted images, flat style
+    (fixed templates and 128 px PNGs, which these tests were written on; test_corpus
+    covers the varied default)."""
     from xmodal.training.corpus import CorpusSpec, write_corpus
 
     out = tmp_path_factory.mktemp("corpus")
-    spec = CorpusSpec(seed=7, train_size=96, val_size=24, test_size=24, test_shifted_size=12)
+    spec = CorpusSpec(
+        seed=7, train_size=96, val_size=24, test_size=24, test_shifted_size=12, style="flat"
+    )
     write_corpus(out, spec, progress=False)
     return out
 
@@ -92,7 +96,9 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory, default_encoder):
 
     root = tmp_path_factory.mktemp("demo")
     # Only the test split is indexed: no test-shifted images to render.
-    spec = CorpusSpec(seed=11, train_size=1, val_size=1, test_size=60, test_shifted_size=0)
+    spec = CorpusSpec(
+        seed=11, train_size=1, val_size=1, test_size=60, test_shifted_size=0, style="flat"
+    )
     write_corpus(root, spec, progress=False)
     bundle = root / "bundle"
     run_index(

@@ -64,8 +64,10 @@ def test_type_a_query_see_images_open_detail(server, browser, demo_bundle) -> No
     page.fill("#q", "a large blue square")
     page.keyboard.press("Enter")
     page.wait_for_selector(".grid img")
+    # Chromium counts a lazy image it has not fetched yet as complete: wait for pixels.
     page.wait_for_function(
-        "() => [...document.querySelectorAll('.grid img')].every(i => i.complete)"
+        "() => [...document.querySelectorAll('.grid img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)"
     )
     assert page.locator(".grid .card").count() == 24
     assert _all_images_loaded(page)

@@ -41,7 +41,9 @@ from xmodal.training.vocabulary import (
 # sha256 over "path digest" lines of the images and train/val/test pairs of this corpus,
 # computed with the generator as it was before styles existed (commit 22f03e3): the
 # shipped shapes model's training corpus must stay reproducible.
-FLAT_SPEC = CorpusSpec(seed=5, train_size=12, val_size=6, test_size=6, test_shifted_size=0)
+FLAT_SPEC = CorpusSpec(
+    seed=5, train_size=12, val_size=6, test_size=6, test_shifted_size=0, style="flat"
+)
 FLAT_SHA256 = "c950790442cdee87e664e2bab382d9e1d4cb34b58e0fba6feeb31cc3149ed493"
 SMALL_VARIED = CorpusSpec(
     seed=3, train_size=30, val_size=8, test_size=8, test_shifted_size=12, style="varied"
@@ -375,9 +377,10 @@ def test_files_follow_the_pairs_format(small_corpus: Path) -> None:
             per_image[row["image"]] = per_image.get(row["image"], 0) + 1
         assert len(per_image) == n
         assert min(per_image.values()) >= 3  # several paraphrases per image
-        first = small_corpus / next(iter(per_image))
-        with Image.open(first) as img:
-            assert img.format == "PNG" and img.mode == "RGB"
+        for name in per_image:  # varied: PNG or a recompressed JPEG, as its suffix says
+            with Image.open(small_corpus / name) as img:
+                assert img.format == {".png": "PNG", ".jpg": "JPEG"}[Path(name).suffix]
+                assert img.mode == "RGB"
     assert (small_corpus / "test-shifted.jsonl").is_file()
 
 

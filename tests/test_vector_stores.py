@@ -45,7 +45,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from xmodal.training.corpus import CorpusSpec, write_corpus
 
     root = tmp_path_factory.mktemp("store-corpus")
-    spec = CorpusSpec(seed=5, train_size=1, val_size=1, test_size=30, test_shifted_size=0)
+    spec = CorpusSpec(
+        seed=5, train_size=1, val_size=1, test_size=30, test_shifted_size=0, style="flat"
+    )
     write_corpus(root, spec, progress=False)
     return root
 
