@@ -50,11 +50,15 @@ def browser():
         b.close()
 
 
+# Every result image has its pixels (Chromium counts a lazy image it has not fetched
+# yet as complete, so `complete` alone is not enough).
+GRID_LOADED = (
+    "() => [...document.querySelectorAll('.grid img')].every(i => i.complete && i.naturalWidth > 0)"
+)
+
+
 def _all_images_loaded(page) -> bool:
-    return page.evaluate(
-        "() => [...document.querySelectorAll('.grid img')]"
-        ".every(i => i.complete && i.naturalWidth > 0)"
-    )
+    return page.evaluate(GRID_LOADED)
 
 
 def test_type_a_query_see_images_open_detail(server, browser, demo_bundle) -> None:
@@ -64,11 +68,7 @@ def test_type_a_query_see_images_open_detail(server, browser, demo_bundle) -> No
     page.fill("#q", "a large blue square")
     page.keyboard.press("Enter")
     page.wait_for_selector(".grid img")
-    # Chromium counts a lazy image it has not fetched yet as complete: wait for pixels.
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.grid img')]"
-        ".every(i => i.complete && i.naturalWidth > 0)"
-    )
+    page.wait_for_function(GRID_LOADED)
     assert page.locator(".grid .card").count() == 24
     assert _all_images_loaded(page)
     assert "a large blue square" in page.inner_text("h1")
