@@ -14,12 +14,13 @@ from xmodal.indexer.bundle import Bundle
 
 # The demo corpus's scenes are square PNGs or JPEGs of a few hundred pixels at most
 # (96-224 px in the varied style, 128 in the flat one).
+DEMO_SCENE_FORMATS = ("PNG", "JPEG")
 DEMO_SCENE_MAX_SIDE = 256
 
 
 def is_demo_scene_like(fmt: str | None, width: int | None, height: int | None) -> bool:
     """Whether an image's format and size are those of a demo-corpus scene."""
-    return fmt in ("PNG", "JPEG") and width == height and 0 < (width or 0) <= DEMO_SCENE_MAX_SIDE
+    return fmt in DEMO_SCENE_FORMATS and width == height and 0 < (width or 0) <= DEMO_SCENE_MAX_SIDE
 
 
 def model_advice(bundle: Bundle) -> str | None:
