@@ -23,6 +23,7 @@ from xmodal.training.corpus import (
     captions,
     image_claims,
     plan_splits,
+    twin_paraphrase,
     write_corpus,
 )
 from xmodal.training.counterfactual import (
@@ -34,6 +35,7 @@ from xmodal.training.counterfactual import (
     scene_difference,
     symmetric,
     template_of,
+    twin_caption,
     twin_scene,
 )
 from xmodal.training.negatives import negative, relation_flip
@@ -43,6 +45,7 @@ from xmodal.training.rerank_features import (
     counterfactual_set,
 )
 from xmodal.training.rerank_train import train_reranker
+from xmodal.training.vocabulary import SYNONYMS
 
 
 def test_a_twin_changes_binding_not_words() -> None:
@@ -179,6 +182,46 @@ def test_a_varied_corpus_has_scenes_and_twins_of_its_full_captions(
             elif cf.image_row[i] >= 0:
                 assert not full
     assert twins
+
+
+def test_a_varied_twin_caption_is_its_caption_with_the_twin_s_words(tmp_path: Path) -> None:
+    # Flat twins are named by the same template with the twin's words; varied ones by
+    # the caption's own draws replayed on the twin, so the two still differ only where
+    # the scenes do, not in lead, template, relation phrase or mention order.
+    spec = CorpusSpec(seed=3, train_size=40, val_size=2, test_size=2, style="varied")
+    plan = plan_splits(spec)
+    attribute_words = {
+        w
+        for table in SYNONYMS.values()
+        for names in table.values()
+        for n in names
+        for w in n.split()
+    }
+
+    def skeleton(text: str) -> list[str]:
+        return [w for w in re.split(r"[\s,:]+", text) if w not in attribute_words | {"a", "an"}]
+
+    rng = random.Random(0)
+    checked = 0
+    for i, scene in enumerate(plan["train"]):
+        twin = twin_scene(scene, rng)
+        if twin is None:
+            continue
+        for text, claim in image_claims(spec, "train", i, scene):
+            if not claim.is_full(scene):
+                continue
+            assert twin_paraphrase(spec, "train", i, scene, text, scene) == text
+            said = twin_paraphrase(spec, "train", i, scene, text, twin)
+            assert said is not None and said != text
+            assert skeleton(said) == skeleton(text), (text, said)
+            image = DemoImage(spec, "train", i, scene)
+            assert twin_caption(image, twin, text, random.Random(1)) == said
+            checked += 1
+    assert checked > 40
+    assert (
+        twin_paraphrase(spec, "train", 0, plan["train"][0], "not a caption", plan["train"][0])
+        is None
+    )
 
 
 @pytest.fixture(scope="module")

@@ -65,11 +65,13 @@ from .vocabulary import (
     SYNONYMS,
     Claim,
     Obj,
+    RecordedDraws,
     Scene,
     captions,
     describe,
     full_claim,
     partial_claim,
+    rephrase,
 )
 
 __all__ = [
@@ -421,6 +423,25 @@ def image_claims(spec: CorpusSpec, split: str, index: int, scene: Scene) -> list
             if len(out) == wanted:
                 break
     return list(out.items())
+
+
+def twin_paraphrase(
+    spec: CorpusSpec, split: str, index: int, scene: Scene, caption: str, twin: Scene
+) -> str | None:
+    """``caption``, one of the full paraphrases ``image_claims`` writes for image
+    ``index`` (varied style, not test-shifted), said of ``twin``: the same template and
+    word choices with the twin's values (``vocabulary.rephrase``), so the two captions
+    are a minimal pair. None when ``caption`` is not one of them.
+    """
+    if _flat(spec, split) or split == SHIFTED:
+        return None
+    rng = _rng(spec.seed, split, index, "captions")
+    full = full_claim(scene)
+    for _ in range(8 * FULL_CAPTIONS):  # image_claims' draws, replayed until ``caption``
+        recorded = RecordedDraws(rng)
+        if describe(scene, recorded, full) == caption:  # type: ignore[arg-type]
+            return rephrase(recorded.draws, twin, full_claim(twin))
+    return None
 
 
 def image_captions(spec: CorpusSpec, split: str, index: int, scene: Scene) -> list[str]:

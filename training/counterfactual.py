@@ -13,9 +13,11 @@ next to the pairs file gives the seed from which each image's scene is re-planne
 (``demo_images`` finds the scene of flat and varied images alike, for
 ``scene_difference`` and the symmetric-scene check). A twin *caption*
 (``twin_caption``) is, in the flat style, the same fixed template (``template_of``)
-filled in with the twin's words; in the varied style, a fresh full paraphrase of the
-twin for a caption that names the whole scene (a partial caption has none: what it
-names may hold of the twin too).
+filled in with the twin's words; in the varied style, for a caption that names the
+whole scene, the same paraphrase with the twin's words (``corpus.twin_paraphrase``:
+its template and word choices replayed), so that varied twins are minimal pairs in
+text as well as in pixels (a partial caption has none: what it names may hold of the
+twin too).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .corpus import (
     image_claims,
     plan_splits,
     render_image,
+    twin_paraphrase,
 )
 
 _NAME = re.compile(r"^(train|val|test|test-shifted)_(\d+)\.(png|jpg)$")
@@ -139,8 +142,9 @@ def twin_caption(image: DemoImage, twin: Scene, caption: str, rng: random.Random
     """The twin's caption in the form of the image's ``caption`` (None: no such form).
 
     Flat: the same template filled in with the twin's words. Varied: a caption that
-    names the whole scene gets a fresh full paraphrase of the twin, drawn from ``rng``;
-    a partial caption has no twin caption (what it names may hold of the twin too).
+    names the whole scene gets the same paraphrase with the twin's words
+    (``twin_paraphrase``; a fresh one drawn from ``rng`` if it cannot be replayed); a
+    partial caption has no twin caption (what it names may hold of the twin too).
     """
     if image.spec.style == "flat" and image.split != SHIFTED:
         k = template_of(image.scene, caption)
@@ -148,7 +152,8 @@ def twin_caption(image: DemoImage, twin: Scene, caption: str, rng: random.Random
     claims = dict(image_claims(image.spec, image.split, image.index, image.scene))
     if caption not in claims or not claims[caption].is_full(image.scene):
         return None
-    return describe(twin, rng, full_claim(twin))
+    same_words = twin_paraphrase(image.spec, image.split, image.index, image.scene, caption, twin)
+    return same_words if same_words is not None else describe(twin, rng, full_claim(twin))
 
 
 def symmetric(scene: Scene) -> bool:

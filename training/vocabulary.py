@@ -22,7 +22,9 @@ whether a model understands a word it never saw paired with a picture.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 SHAPES: tuple[str, ...] = (
     "circle",
@@ -373,6 +375,55 @@ def realise(scene: Scene, claim: Claim, lex: Lexicon) -> str:
         else:
             text += " " + rng.choice(_BACKDROPS).format(bg)
     return text
+
+
+T = TypeVar("T")
+
+
+class RecordedDraws:
+    """A random stream that records its draws (``random`` floats, ``choice`` indices),
+    the two calls ``describe`` makes, so ``ReplayedDraws`` can phrase another scene of
+    the same shape with the same choices."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.draws: list[float | int] = []
+
+    def random(self) -> float:
+        """``rng.random()``, recorded."""
+        x = self.rng.random()
+        self.draws.append(x)
+        return x
+
+    def choice(self, seq: Sequence[T]) -> T:
+        """``rng.choice(seq)`` (the same draw), recorded as the index taken."""
+        x = self.rng.choice(seq)
+        self.draws.append(seq.index(x))
+        return x
+
+
+class ReplayedDraws:
+    """The draws of a ``RecordedDraws`` again, in order: a choice takes the recorded
+    index (modulo the options, as another value may have fewer synonyms)."""
+
+    def __init__(self, draws: list[float | int]) -> None:
+        self._draws = iter(draws)
+
+    def random(self) -> float:
+        """The next recorded float."""
+        return float(next(self._draws))
+
+    def choice(self, seq: Sequence[T]) -> T:
+        """The option at the next recorded index."""
+        return seq[int(next(self._draws)) % len(seq)]
+
+
+def rephrase(caption_draws: list[float | int], scene: Scene, claim: Claim) -> str:
+    """The caption ``describe`` drew with ``caption_draws`` (``RecordedDraws.draws``),
+    said of ``scene`` instead: the same lead, template, mention order, relation phrase
+    and synonym picks, with ``scene``'s values. For a counterfactual twin (same object
+    count) the result differs from the original caption only where the twin does."""
+    return realise(scene, claim, Lexicon(ReplayedDraws(caption_draws), held_out=False))  # type: ignore[arg-type]
 
 
 def describe(scene: Scene, rng: random.Random, claim: Claim, held_out: bool = False) -> str:
