@@ -396,6 +396,24 @@ def render_image(spec: CorpusSpec, split: str, index: int, scene: Scene) -> Imag
         return img.convert("RGB")
 
 
+def _full_paraphrases(
+    scene: Scene, rng: random.Random, held_out: bool
+) -> Iterator[tuple[str, list[float | int]]]:
+    """The ``FULL_CAPTIONS`` distinct full paraphrases ``image_claims`` draws from
+    ``rng`` (a one-object scene may have fewer), each with the draws that made it
+    (``vocabulary.RecordedDraws``, for ``rephrase``)."""
+    full = full_claim(scene)
+    seen: set[str] = set()
+    for _ in range(8 * FULL_CAPTIONS):
+        recorded = RecordedDraws(rng)
+        text = describe(scene, recorded, full, held_out)  # type: ignore[arg-type]
+        if text not in seen:
+            seen.add(text)
+            yield text, recorded.draws
+            if len(seen) == FULL_CAPTIONS:
+                return
+
+
 def image_claims(spec: CorpusSpec, split: str, index: int, scene: Scene) -> list[tuple[str, Claim]]:
     """The captions the corpus writes for image ``index`` of ``split``, each with the
     claim it makes about the scene (what ``rerank_truth`` checks against other scenes).
@@ -409,12 +427,9 @@ def image_claims(spec: CorpusSpec, split: str, index: int, scene: Scene) -> list
     if _flat(spec, split):
         return [(text, full) for text in captions(scene)]
     rng = _rng(spec.seed, split, index, "captions")
-    held_out = split == SHIFTED
-    out: dict[str, Claim] = {}
-    for _ in range(8 * FULL_CAPTIONS):  # distinct texts; a one-object scene has fewer
-        out.setdefault(describe(scene, rng, full, held_out), full)
-        if len(out) == FULL_CAPTIONS:
-            break
+    out: dict[str, Claim] = {
+        text: full for text, _ in _full_paraphrases(scene, rng, split == SHIFTED)
+    }
     if split == "train":
         wanted = len(out) + PARTIAL_CAPTIONS
         for _ in range(8 * PARTIAL_CAPTIONS):
@@ -436,11 +451,9 @@ def twin_paraphrase(
     if _flat(spec, split) or split == SHIFTED:
         return None
     rng = _rng(spec.seed, split, index, "captions")
-    full = full_claim(scene)
-    for _ in range(8 * FULL_CAPTIONS):  # image_claims' draws, replayed until ``caption``
-        recorded = RecordedDraws(rng)
-        if describe(scene, recorded, full) == caption:  # type: ignore[arg-type]
-            return rephrase(recorded.draws, twin, full_claim(twin))
+    for text, draws in _full_paraphrases(scene, rng, held_out=False):
+        if text == caption:
+            return rephrase(draws, twin, full_claim(twin))
     return None
 
 
