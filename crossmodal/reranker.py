@@ -143,17 +143,36 @@ class CrossModalReranker(nn.Module):
         b = text.shape[0]
         if image_index is None and image.shape[0] not in (1, b):
             raise ValueError(f"{image.shape[0]} images for {b} texts need an image_index")
+        return self.score_texts(text, text_mask, self.image_keys_values(image), image_index)
+
+    def image_keys_values(self, image: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's cross-attention keys and values of images [U, P, Di], as
+        ([U, H, P, W/H], [U, H, P, W/H]): all of the compute that depends on the image
+        alone, so that pairs sharing an image (in search or in a training step) share it.
+        """
+        img = self.image_in(image)  # [U, P, W]
+        if self.image_pos is not None and img.shape[1] == self.image_pos.shape[1]:
+            img = img + self.image_pos
+        img = self.ln_image(img)
+        return [block.image_kv(img) for block in self.blocks]
+
+    def score_texts(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Match logits [B] of texts [B, L, Dt] against images from
+        ``image_keys_values`` (U of them): pair b takes image ``image_index[b]``, or image b
+        (U = B), or the one image (U = 1)."""
+        b = text.shape[0]
         x = self.text_in(text)  # [B, L, W]
         x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1)  # [B, 1+L, W]
         pad = torch.cat(
             [torch.zeros(b, 1, dtype=torch.bool, device=text.device), ~text_mask.bool()], dim=1
         )  # [B, 1+L]
-        img = self.image_in(image)  # [U, P, W]
-        if self.image_pos is not None and img.shape[1] == self.image_pos.shape[1]:
-            img = img + self.image_pos
-        img = self.ln_image(img)
-        for block in self.blocks:
-            k, v = block.image_kv(img)  # [U, H, P, W/H] each
+        for block, (k, v) in zip(self.blocks, image_kv, strict=True):
             if image_index is not None:
                 k, v = k[image_index], v[image_index]  # [B, H, P, W/H]
             elif k.shape[0] != b:  # one image, B texts: a view, not B copies

@@ -20,6 +20,7 @@ from xmodal.indexer.catalog import ImageTokens
 from xmodal.indexer.pipeline import IndexOptions, run_index
 from xmodal.search.engine import QueryError, SearchEngine
 from xmodal.training.negatives import RELATION_FLIP, negative, swap_kind, swaps
+from xmodal.training.rerank_sampling import StepPairs
 from xmodal.training.rerank_train import grouped_logits, listwise_loss, train_reranker
 from xmodal.web import create_app
 
@@ -84,6 +85,53 @@ def test_length_groups_give_the_logits_and_gradients_of_one_padded_batch() -> No
         out.square().sum().backward()
         for p, g in zip(model.parameters(), ref_grads, strict=True):
             torch.testing.assert_close(p.grad, g)
+
+
+def test_distinct_images_give_the_logits_and_gradients_of_copies() -> None:
+    """A step gives each distinct image once with an index: the numbers of per-pair copies."""
+    torch.manual_seed(0)
+    model = CrossModalReranker(
+        RerankerConfig(text_width=12, image_width=10, width=16, heads=2, image_positions=4)
+    ).double()
+    mask = torch.arange(6)[None] < torch.tensor([3, 6, 1, 4, 6])[:, None]  # [5, 6]
+    text = torch.randn(5, 6, 12, dtype=torch.float64) * mask[..., None]
+    images = torch.randn(3, 4, 10, dtype=torch.float64)
+    index = torch.tensor([2, 0, 2, 1, 0])
+    ref = grouped_logits(model, text, mask, images[index], 1)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = grouped_logits(model, text, mask, images, 3, index)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    for p, g in zip(model.parameters(), ref_grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_step_pairs_index_each_distinct_image_once() -> None:
+    """Pairs drawn from two token tables: each image row appears once, and the index
+    gives every pair its own image's tokens in the order the pairs were added."""
+
+    class Table:
+        def __init__(self, n: int) -> None:
+            self.image_tokens = torch.randn(n, 4, 3)
+            self.text_tokens = torch.randn(n, 5, 2)
+            self.text_mask = torch.ones(n, 5, dtype=torch.bool)
+
+    feats, twins = Table(6), Table(3)
+    pairs = StepPairs()
+    pairs.add(feats, np.array([0, 1, 2]), feats, np.array([4, 1, 4]), 1, text=np.arange(3))
+    pairs.add(feats, np.array([0, 1]), twins, np.array([2, 2]), 0)
+    pairs.add(twins, np.array([1]), feats, np.array([1]), 0, text=np.array([1]))
+    text, mask, images, index, labels = pairs.tensors()
+    want = torch.cat(
+        [feats.image_tokens[[4, 1, 4]], twins.image_tokens[[2, 2]], feats.image_tokens[[1]]]
+    )
+    assert len(images) == 3  # feats rows 1 and 4, twins row 2
+    torch.testing.assert_close(images[index], want)
+    assert labels.tolist() == [1, 1, 1, 0, 0, 0] and text.shape[:2] == mask.shape == (6, 5)
+    # The listwise columns still point at each group's logits: offsets 0 and 5.
+    assert [offset for _, offset in pairs.lists["text"]] == [0, 5]
 
 
 def test_listwise_loss_ranks_each_positive_against_its_own_candidates() -> None:

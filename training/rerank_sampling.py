@@ -23,12 +23,17 @@ from .rerank_truth import holds
 class StepPairs:
     """The (caption, image, label) pairs of one training step, added group by group,
     and for the listwise loss where each group's logits sit in each query's list.
+
+    Images are kept as rows of their token tables, not copies: a step shows each image
+    with several captions (its own, a hard negative's, a twin's), and ``tensors`` gives
+    each distinct image once with the index of every pair's image into them.
     """
 
     def __init__(self) -> None:
         self.tokens: list[torch.Tensor] = []
         self.masks: list[torch.Tensor] = []
-        self.images: list[torch.Tensor] = []
+        self.tables: list[torch.Tensor] = []  # distinct image token tables, first use first
+        self.image_rows: list[tuple[int, np.ndarray]] = []  # per group: (table, rows)
         self.labels: list[np.ndarray] = []
         self.size = 0
         # list name -> one column per group: (query rows, offset of the group's logits)
@@ -48,20 +53,41 @@ class StepPairs:
         n = len(text_rows)
         self.tokens.append(texts.text_tokens[text_rows])
         self.masks.append(texts.text_mask[text_rows])
-        self.images.append(pics.image_tokens[image_rows])
+        table = next((t for t, tab in enumerate(self.tables) if tab is pics.image_tokens), None)
+        if table is None:
+            self.tables.append(pics.image_tokens)
+            table = len(self.tables) - 1
+        self.image_rows.append((table, np.asarray(image_rows, np.int64)))
         self.labels.append(np.full(n, float(label)))
         for name, rows in lists.items():
             self.lists.setdefault(name, []).append((rows, self.size))
         self.size += n
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(text [N, L, Dt], mask [N, L], image [N, P, Di], labels [N]), captions padded
-        to the step's longest."""
+    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the step's distinct images [U, P, Di], index [N] of each pair's image)."""
+        parts, index, offset = [], [np.zeros(0, np.int64)] * len(self.image_rows), 0
+        for t, table in enumerate(self.tables):
+            groups = [g for g, (tab, _) in enumerate(self.image_rows) if tab == t]
+            rows = [self.image_rows[g][1] for g in groups]
+            distinct, inverse = np.unique(np.concatenate(rows), return_inverse=True)
+            parts.append(table[torch.as_tensor(distinct)])
+            ends = np.cumsum([len(r) for r in rows])[:-1]
+            for g, inv in zip(groups, np.split(inverse, ends), strict=True):
+                index[g] = inv + offset
+            offset += len(distinct)
+        return torch.cat(parts), torch.as_tensor(np.concatenate(index))
+
+    def tensors(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text [N, L, Dt], mask [N, L], images [U, P, Di], image index [N], labels [N]),
+        captions padded to the step's longest; pair j shows image ``index[j]``."""
         width = max(t.shape[1] for t in self.tokens)
         text = torch.cat([F.pad(t, (0, 0, 0, width - t.shape[1])) for t in self.tokens])
         mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in self.masks])
         labels = torch.as_tensor(np.concatenate(self.labels))
-        return text, mask, torch.cat(self.images), labels
+        images, index = self.images()
+        return text, mask, images, index, labels
 
 
 def hard_neighbours(

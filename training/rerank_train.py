@@ -97,22 +97,27 @@ def grouped_logits(
     mask: torch.Tensor,
     image: torch.Tensor,
     groups: int,
+    image_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Match logits [B] of pairs (text b, image b), computed in ``groups`` runs of pairs
+    """Match logits [B] of pairs (text b, image ``image_index[b]``, or image b), the
+    image side computed once per image and the text side in ``groups`` runs of pairs
     sorted by caption length so that each run pads only to its own longest caption.
 
-    text [B, L, Dt] and image [B, P, Di] (any float dtype), mask [B, L]. Padding is
+    text [B, L, Dt] and image [U, P, Di] (any float dtype), mask [B, L]. Padding is
     masked out, so the logits are those of one padded batch; only the compute differs.
     """
+    if image_index is None:
+        image_index = torch.arange(len(image))
     lengths = mask.sum(1)
     order = torch.argsort(lengths)
     dtype = next(model.parameters()).dtype  # cached tokens are float16
+    kv = model.image_keys_values(image.to(dtype))  # per block, [U, H, P, W/H] each
     parts = []
     # At most one group per pair: tensor_split then gives no empty group.
     for idx in torch.tensor_split(order, max(1, min(groups, len(order)))):
         longest = int(lengths[idx].max())
         t = text[idx, :longest].to(dtype)  # [b, longest, Dt]
-        parts.append(model(t, mask[idx, :longest], image[idx].to(dtype)))
+        parts.append(model.score_texts(t, mask[idx, :longest], kv, image_index[idx]))
     return torch.cat(parts)[torch.argsort(order)]  # back to the pairs' order
 
 
@@ -137,8 +142,8 @@ def optimisation_step(
 ) -> tuple[float, float]:
     """One AdamW step on a step's pairs: ITM (+ listwise) loss, gradients clipped to 1.
     Returns (loss, pair accuracy)."""
-    text, mask, image, y = pairs.tensors()
-    logits = grouped_logits(model, text, mask, image, cfg.length_groups)
+    text, mask, images, index, y = pairs.tensors()
+    logits = grouped_logits(model, text, mask, images, cfg.length_groups, index)
     # Positives are a minority of the pairs: weight them up to balance the classes.
     loss = itm_loss(logits, y, balance=True)
     if cfg.listwise:
